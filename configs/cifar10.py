@@ -1,0 +1,26 @@
+"""The paper's CIFAR-10 run (Ho et al. 2020: 35.7M parameters, 800k steps, FID 3.17).
+
+    python -m diffusion_jax.main --config=configs/cifar10.py --workdir=runs/cifar10 \
+        --config.data.manual_dir=/path/with/cifar-10-binary.tar.gz
+
+Meant for accelerators (TPU v3-8: ~10.6 h); see launch/ for pods.
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.data.name = 'cifar10_manual'
+    config.data.image_size = 32
+    config.data.channels = 3
+    config.data.random_flip = True
+    config.model.out_ch = 3
+    config.model.ch_mult = (1, 2, 2, 2)
+    config.model.attn_resolutions = (16,)
+    config.model.dropout = 0.1
+    config.diffusion.var_type = 'fixedlarge'
+    config.training.batch_size = 128
+    config.training.num_train_steps = 800_000
+    config.training.sample_every = 50_000
+    return config

@@ -1,0 +1,74 @@
+"""Every field of a run, with its meaning. Other configs start from this one and change a few.
+
+    python -m diffusion_jax.main --config=configs/default.py --workdir=runs/default
+
+The defaults are the paper's CIFAR-10 setup (Ho et al. 2020, Appendix B) except for the data,
+which is the embedded MNIST-5k set; see configs/cifar10.py for the paper's exact run.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Base of every random draw: parameters, data order, noise (fold_in(key, step)).
+
+    config.data = data = ml_collections.ConfigDict()
+    data.name = 'mnist5k'  # tfds builder: mnist5k | digits | cifar10_manual.
+    # Where tfds writes array_record files (None: the tfds default, ~/tensorflow_datasets).
+    data.data_dir = config_dict.placeholder(str)
+    data.manual_dir = config_dict.placeholder(str)  # Where manually downloaded archives are placed.
+    data.image_size = 28  # H = W of the images; checked against the dataset.
+    data.channels = 1  # Checked against the dataset.
+    data.random_flip = False  # Horizontal flips (the paper flips CIFAR-10, CelebA-HQ, LSUN).
+
+    config.model = model = ml_collections.ConfigDict()  # Fields of models.UNet, passed as-is.
+    model.ch = 128  # Base channel count.
+    model.out_ch = 1  # Image channels, or twice that for learned variances.
+    model.ch_mult = (1, 2, 2, 2)  # Channel multiplier per resolution level.
+    model.num_res_blocks = 2  # ResBlocks per level.
+    model.attn_resolutions = (16,)  # Spatial sizes that get self-attention after each ResBlock.
+    model.dropout = 0.1
+    model.resamp_with_conv = True  # Strided-conv downsampling and conv after nearest upsampling.
+    model.num_groups = 32  # GroupNorm groups.
+    model.dtype = 'float32'  # Compute dtype (parameters stay float32).
+
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.beta_schedule = 'linear'  # linear | cosine | quad | const | jsd | warmup10 | warmup50.
+    diffusion.beta_start = 1e-4
+    diffusion.beta_end = 0.02
+    diffusion.num_timesteps = 1000  # T.
+    diffusion.mean_type = 'eps'  # eps | x0 | xprev: what the network predicts.
+    diffusion.var_type = 'fixedlarge'  # fixedlarge | fixedsmall | learned | learned_range.
+    diffusion.loss_type = 'mse'  # mse (L_simple) | kl (true bound) | hybrid (IDDPM).
+    diffusion.hybrid_lambda = 0.001  # λ in L_simple + λ L_vlb.
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.learning_rate = 2e-4
+    optim.warmup_steps = 5000  # Linear warm-up from 0.
+    optim.grad_clip = 1.0  # Global-norm clipping (0 disables).
+    optim.adam_b1 = 0.9
+    optim.adam_b2 = 0.999
+    optim.adam_eps = 1e-8
+    optim.ema_decay = 0.9999  # EMA of the parameters; sampling and evaluation use the EMA.
+    optim.ema_warmup = False  # Use min(ema_decay, (1 + step) / (10 + step)) for short runs.
+
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128  # Global batch, split over every device of every process.
+    training.num_train_steps = 800_000
+    training.log_every = 100  # Scalars to TensorBoard and the log.
+    training.sample_every = 0  # A grid of `sample_grid_size` 1000-step samples (0: only at the end).
+    training.sample_grid_size = 64
+    training.checkpoint_every = 5000
+    training.keep_checkpoints = 3
+    training.parallel = 'jit'  # jit (NamedSharding) | shard_map (per-device loss, explicit pmean).
+    training.clip_per_replica = False  # shard_map only: clip each replica's gradient before the mean.
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.num_samples = 256  # Written to samples.npz / samples.png after training.
+    sampling.batch_size = 256  # Images per sampler call.
+    sampling.clip_denoised = True  # Clip x̂_0 to [-1, 1] in every reverse step.
+    sampling.chunk_size = 50  # Reverse steps per jitted call (progress bar granularity).
+    sampling.progressive_every = 100  # x̂_0 snapshot spacing for progressive.png (paper Fig. 6).
+    return config

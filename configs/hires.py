@@ -1,0 +1,24 @@
+"""Shared settings of the paper's 256x256 models (CelebA-HQ, LSUN): 113.7M parameters.
+
+Not a run of its own; configs/celebahq.py and configs/lsun_*.py start from it.
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.data.image_size = 256
+    config.data.channels = 3
+    config.data.random_flip = True
+    config.model.out_ch = 3
+    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+    config.model.attn_resolutions = (16,)
+    config.model.dropout = 0.0
+    config.diffusion.var_type = 'fixedsmall'
+    config.optim.learning_rate = 2e-5
+    config.training.batch_size = 64
+    config.training.sample_every = 50_000
+    config.sampling.num_samples = 128
+    config.sampling.batch_size = 64
+    return config

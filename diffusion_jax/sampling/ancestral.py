@@ -1,0 +1,90 @@
+"""The 1000-step ancestral sampler of Algorithm 2 as a jitted `lax.scan`.
+
+The reverse chain can run as one scan or as several jitted chunks of the same scan (for a
+progress bar and x̂_0 snapshots); both draw the noise of step t from fold_in(rng, t) and x_T from
+fold_in(rng, T), so they give the same samples bit for bit.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+
+@functools.partial(jax.jit, static_argnames=('model_apply', 'num_steps', 'clip_denoised'))
+def reverse_steps(model_apply, params, diffusion, x_t, rng, t_start, *, num_steps,
+                  clip_denoised=True):
+    """Runs `num_steps` ancestral steps from x_{t_start} down to x_{t_start - num_steps}.
+
+    Args:
+      model_apply: (params, x, t) -> model output; static, so reuse one function object.
+      params: the network's parameters.
+      diffusion: `Diffusion`.
+      x_t: [B, H, W, C] at time t_start.
+      rng: the sampling key.
+      t_start: int scalar (traced, so chunks of equal length share one compilation).
+      num_steps: reverse steps to run.
+      clip_denoised: clip x̂_0 to [-1, 1].
+
+    Returns:
+      (x after the last step, x̂_0 predicted at the last step).
+    """
+    def step(carry, i):
+        x, _ = carry
+        t_scalar = t_start - i
+        t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
+        noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x.shape, x.dtype)
+        x, pred_x0 = diffusion.p_sample(model_apply(params, x, t), x, t, noise, clip_denoised)
+        return (x, pred_x0), None
+
+    (x, pred_x0), _ = jax.lax.scan(step, (x_t, jnp.zeros_like(x_t)),
+                                   jnp.arange(num_steps, dtype=jnp.int32))
+    return x, pred_x0
+
+
+def ancestral_sample(model_apply, params, diffusion, rng, shape, *, clip_denoised=True,
+                     chunk_size=None, progress=False, sharding=None):
+    """Samples x_0 ~ p_θ by running the reverse process from x_T ~ N(0, I) (Algorithm 2).
+
+    Args:
+      model_apply: (params, x, t) -> model output.
+      params: parameters (the EMA weights for the paper's results).
+      diffusion: `Diffusion`.
+      rng: key; x_T comes from fold_in(rng, T), the noise of step t from fold_in(rng, t).
+      shape: [B, H, W, C].
+      clip_denoised: clip x̂_0 to [-1, 1] before forming the mean (as the paper does).
+      chunk_size: reverse steps per jitted call (None: one scan over all T steps).
+      progress: show a tqdm bar advancing per chunk.
+      sharding: optional sharding of x (e.g. batch split over a data mesh).
+
+    Returns:
+      (x_0 as float32 [B, H, W, C] in about [-1, 1],
+       x̂_0 snapshots [num_chunks, B, H, W, C]: the prediction at the last step of each chunk).
+    """
+    num_timesteps = diffusion.num_timesteps
+    chunk_size = num_timesteps if chunk_size is None else int(chunk_size)
+    if chunk_size <= 0:
+        raise ValueError(f'chunk_size must be positive, got {chunk_size}')
+    x = jax.random.normal(jax.random.fold_in(rng, num_timesteps), shape, jnp.float32)
+    if sharding is not None:
+        x = jax.device_put(x, sharding)
+    snapshots = []
+    t_start = num_timesteps - 1
+    with tqdm(total=num_timesteps, desc='sampling', unit='step', disable=not progress) as bar:
+        while t_start >= 0:
+            num_steps = min(chunk_size, t_start + 1)
+            x, pred_x0 = reverse_steps(model_apply, params, diffusion, x, rng,
+                                       jnp.int32(t_start), num_steps=num_steps,
+                                       clip_denoised=clip_denoised)
+            snapshots.append(pred_x0)
+            t_start -= num_steps
+            bar.update(num_steps)
+    return x, jnp.stack(snapshots)
+
+
+def snapshot_timesteps(num_timesteps, chunk_size):
+    """The t at which each x̂_0 snapshot of `ancestral_sample` was taken."""
+    starts = np.arange(num_timesteps - 1, -1, -chunk_size)
+    return np.maximum(starts - chunk_size + 1, 0)

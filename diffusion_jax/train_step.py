@@ -1,0 +1,38 @@
+"""The pure training step: (state, batch, base_rng) -> (state, metrics).
+
+Randomness is a function of the step alone, rng = fold_in(base_rng, step), so a resumed run
+draws exactly what an uninterrupted one would, and nothing random lives in the checkpoint.
+"""
+
+import jax
+import optax
+
+from diffusion_jax import losses
+from diffusion_jax import train_state as train_state_lib
+
+
+def train_step(state, batch, base_rng, *, grad_fn, optimizer, optim_config, num_timesteps):
+    """One step of Algorithm 1 on a global batch.
+
+    Args:
+      state: `TrainState`.
+      batch: dict with `image` [B, H, W, C] in [-1, 1].
+      base_rng: the run's key.
+      grad_fn: (params, x0, t, noise, dropout_rng) -> ((loss, metrics), grads); either
+        `jax.value_and_grad(loss_fn, has_aux=True)` or the shard_map version from `parallel`.
+      optimizer: the optax transformation `state.opt_state` belongs to.
+      optim_config: the `optim` config block (EMA decay, schedule).
+      num_timesteps: T.
+
+    Returns:
+      (new state, metrics dict of scalars).
+    """
+    rng = jax.random.fold_in(base_rng, state.step)
+    noise_rng, dropout_rng = jax.random.split(rng)
+    x0 = batch['image']
+    t, noise = losses.draw_timesteps_and_noise(noise_rng, x0, num_timesteps)
+    (_, metrics), grads = grad_fn(state.params, x0, t, noise, dropout_rng)
+    new_state = train_state_lib.apply_gradients(state, grads, optimizer, optim_config)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   learning_rate=train_state_lib.make_lr_schedule(optim_config)(state.step))
+    return new_state, metrics

@@ -1,0 +1,282 @@
+"""Tests for the DDPM U-Net port (diffusion_jax.models)."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.models import UNet
+from diffusion_jax.models import layers
+
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8)
+MNIST = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), num_groups=8)
+# Layers the original initialises with init_scale=0 (variance scale 1e-10).
+NEAR_ZERO_LAYERS = ('conv2', 'proj_out', 'conv_out')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_compiles():
+    """Compiling is most of these tests' cost on CPU; restore the flag for other test files."""
+    previous = jax.config.values['jax_disable_most_optimizations']
+    jax.config.update('jax_disable_most_optimizations', True)
+    yield
+    jax.config.update('jax_disable_most_optimizations', previous)
+
+
+def _abstract_init(model, x_shape, t_shape=None, dtype=jnp.float32):
+    x = jax.ShapeDtypeStruct(x_shape, dtype)
+    t = jax.ShapeDtypeStruct((x_shape[0],) if t_shape is None else t_shape, jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), x, t)
+
+
+def _num_params(variables):
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(variables))
+
+
+def _inputs(size, channels=3, batch=2):
+    x = np.random.default_rng(1).standard_normal((batch, size, size, channels))
+    x = jnp.asarray(x, jnp.float32)
+    return x, jnp.array([0, 999], jnp.int32)[:batch]
+
+
+def _random_params(variables, seed=0, std=0.1):
+    """Gaussian values shaped like `variables`, drawn by host NumPy so that no per-shape RNG
+    kernels have to compile."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(std * rng.standard_normal(p.shape), jnp.float32),
+                        variables)
+
+
+@functools.cache
+def _jit_apply(model):
+    return jax.jit(model.apply, static_argnames='train')
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    """The TINY model with its real initialisation (compiled once for the whole module)."""
+    model = UNet(**TINY)
+    x, t = _inputs(16)
+    return model, jax.jit(model.init)(jax.random.key(0), x, t), x, t
+
+
+@pytest.mark.parametrize('config, size, expected', [
+    (dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
+     32, 35_746_307),
+    (dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,),
+          dropout=0.0), 256, 113_673_219),
+])
+def test_parameter_count_matches_paper(config, size, expected):
+    assert _num_params(_abstract_init(UNet(**config), (1, size, size, 3))) == expected
+
+
+def test_attention_only_at_attn_resolutions():
+    params = _abstract_init(UNet(), (1, 32, 32, 3))['params']
+    attn = sorted(name for name in params if 'attn' in name)
+    # Level 1 of the CIFAR-10 net runs at 16x16; the middle always has attention.
+    assert attn == ['down_1_attn_0', 'down_1_attn_1', 'mid_attn_1',
+                    'up_1_attn_0', 'up_1_attn_1', 'up_1_attn_2']
+
+
+def test_submodule_names_follow_original_scopes():
+    params = _abstract_init(UNet(**TINY), (1, 16, 16, 3))['params']
+    assert {'temb_dense0', 'temb_dense1', 'conv_in', 'down_0_block_0', 'down_0_downsample',
+            'down_1_block_0', 'down_1_attn_0', 'mid_block_1', 'mid_attn_1', 'mid_block_2',
+            'up_1_block_1', 'up_1_upsample', 'up_0_block_1', 'norm_out', 'conv_out'} <= set(params)
+    assert set(params['down_1_block_0']) == {'norm1', 'conv1', 'temb_proj', 'norm2', 'conv2',
+                                             'nin_shortcut'}
+    assert set(params['mid_attn_1']) == {'norm', 'q', 'k', 'v', 'proj_out'}
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+    model = UNet(**TINY, dtype=jnp.bfloat16)
+    variables = _abstract_init(model, (2, 16, 16, 3))
+    assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    out = jax.eval_shape(model.apply, variables, x, jnp.zeros((2,), jnp.int32))
+    assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.float32
+
+
+def test_init_matches_original(tiny):
+    """variance_scaling(scale, fan_avg, uniform) kernels, zero biases, scale 1e-10 where the
+    original passes init_scale=0."""
+    _, variables, _, _ = tiny
+    for path, p in jax.tree_util.tree_leaves_with_path(variables['params']):
+        names = [k.key for k in path]
+        p = np.asarray(p)
+        if names[-1] == 'bias':
+            np.testing.assert_array_equal(p, 0.0)
+        elif names[-1] == 'scale':  # GroupNorm
+            np.testing.assert_array_equal(p, 1.0)
+        else:
+            assert names[-1] == 'kernel'
+            fan_avg = math.prod(p.shape[:-2]) * (p.shape[-2] + p.shape[-1]) / 2
+            scale = 1e-10 if names[-2] in NEAR_ZERO_LAYERS else 1.0
+            limit = math.sqrt(3 * scale / fan_avg)
+            assert np.abs(p).max() <= limit, names
+            assert np.abs(p).max() > 0.5 * limit, names  # the uniform fills its range
+
+
+def test_fresh_model_outputs_near_zero(tiny):
+    model, variables, x, t = tiny
+    out = _jit_apply(model)(variables, x, t, train=False, rngs={'dropout': jax.random.key(0)})
+    assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.float32
+    # conv_out's weights are ~1e-6 (variance 1e-10 / fan_avg) on O(1) activations.
+    assert 0 < float(jnp.max(jnp.abs(out))) < 1e-3
+
+
+def test_mnist_shapes_with_odd_lowest_resolution():
+    # 28 -> 14 -> 7: no power-of-two requirement, attention at 7x7.
+    model = UNet(**MNIST, out_ch=1)
+    x, t = _inputs(28, channels=1)
+    params = _abstract_init(model, x.shape)['params']
+    assert 'down_2_attn_0' in params and 'down_1_attn_0' not in params
+    out = _jit_apply(model)({'params': _random_params(params)}, x, t)
+    assert out.shape == (2, 28, 28, 1) and out.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_out_ch_6_doubles_output_channels():
+    model = UNet(**TINY, out_ch=6)
+    variables = _abstract_init(model, (2, 16, 16, 3))
+    assert variables['params']['conv_out']['kernel'].shape == (3, 3, TINY['ch'], 6)
+    out = jax.eval_shape(model.apply, variables, *_inputs(16))
+    assert out.shape == (2, 16, 16, 6) and out.dtype == jnp.float32
+
+
+def test_dropout_only_in_train_mode(tiny):
+    model, variables, x, t = tiny
+    # Perturb so the near-zero layers (conv2, proj_out, conv_out) pass the dropout noise on.
+    variables = jax.tree.map(jnp.add, variables, _random_params(variables))
+    apply = _jit_apply(model)
+    k1, k2 = jax.random.key(11), jax.random.key(12)
+    eval1 = apply(variables, x, t, train=False, rngs={'dropout': k1})
+    eval2 = apply(variables, x, t, train=False, rngs={'dropout': k2})
+    np.testing.assert_array_equal(eval1, eval2)
+    assert float(jnp.std(eval1)) > 1e-2
+    train1 = apply(variables, x, t, train=True, rngs={'dropout': k1})
+    train2 = apply(variables, x, t, train=True, rngs={'dropout': k2})
+    assert float(jnp.max(jnp.abs(train1 - train2))) > 1e-2
+    np.testing.assert_array_equal(train1, apply(variables, x, t, train=True, rngs={'dropout': k1}))
+
+
+@pytest.mark.parametrize('x_shape, t_shape', [
+    ((16, 16, 3), (1,)),
+    ((2, 16, 8, 3), (2,)),
+    ((2, 16, 16, 3), (3,)),
+    ((2, 16, 16, 3), ()),
+])
+def test_rejects_bad_shapes(x_shape, t_shape):
+    with pytest.raises(ValueError, match='shape'):
+        _abstract_init(UNet(**TINY), x_shape, t_shape)
+
+
+def _np_timestep_embedding(t, dim):
+    """Float64 transcription of the original's get_timestep_embedding."""
+    half = dim // 2
+    freqs = np.exp(-np.log(10000.0) * np.arange(half) / (half - 1))
+    emb = t.astype(np.float64)[:, None] * freqs[None, :]
+    emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)
+    return np.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+@pytest.mark.parametrize('dim', [128, 33])
+@pytest.mark.parametrize('integer', [True, False])
+def test_timestep_embedding_matches_numpy(dim, integer):
+    rng = np.random.default_rng(dim)
+    t = rng.integers(0, 1000, size=16) if integer else rng.uniform(0, 1000, size=16)
+    t_jax = jnp.asarray(t, jnp.int32 if integer else jnp.float32)
+    emb = layers.get_timestep_embedding(t_jax, dim)
+    assert emb.shape == (16, dim) and emb.dtype == jnp.float32
+    # float32 phases t * freq (t < 1000) carry ~1e-4 absolute error; a wrong formula is O(1) off.
+    np.testing.assert_allclose(emb, _np_timestep_embedding(np.asarray(t_jax), dim), atol=2e-4)
+
+
+def _np_group_norm(x, groups, scale, bias, eps=1e-6):
+    B, H, W, C = x.shape
+    g = x.reshape(B, H, W, groups, C // groups)
+    mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
+    g = (g - mean) / np.sqrt(var + eps)
+    return g.reshape(x.shape) * scale + bias
+
+
+def _np_conv3x3(x, p):
+    """Float64 3x3 stride-1 'SAME' convolution."""
+    _, H, W, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(xp[:, dy:dy + H, dx:dx + W] @ p['kernel'][dy, dx]
+               for dy in range(3) for dx in range(3)) + p['bias']
+
+
+def _np_swish(x):
+    return x / (1 + np.exp(-x))
+
+
+def _np_resnet_block(x, temb, p, groups):
+    """Float64 transcription of the original resnet_block (no dropout, nin shortcut)."""
+    h = _np_conv3x3(_np_swish(_np_group_norm(x, groups, **p['norm1'])), p['conv1'])
+    h = h + (_np_swish(temb) @ p['temb_proj']['kernel'] + p['temb_proj']['bias'])[:, None, None]
+    h = _np_conv3x3(_np_swish(_np_group_norm(h, groups, **p['norm2'])), p['conv2'])
+    return x @ p['nin_shortcut']['kernel'] + p['nin_shortcut']['bias'] + h
+
+
+def test_resnet_block_matches_numpy():
+    block = layers.ResnetBlock(out_ch=8, dropout=0.5, num_groups=4)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 5, 4)), jnp.float32)
+    temb = jnp.asarray(rng.standard_normal((2, 12)), jnp.float32)
+    shapes = jax.eval_shape(functools.partial(block.init, train=False), jax.random.key(0), x, temb)
+    params = _random_params(shapes, std=0.3)['params']
+    out = block.apply({'params': params}, x, temb, train=False)
+    np_params = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+    expected = _np_resnet_block(np.asarray(x, np.float64), np.asarray(temb, np.float64),
+                                np_params, groups=4)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def _np_attn_block(x, p, groups):
+    """Float64 single-head softmax self-attention over all H*W positions, plus residual."""
+    B, H, W, C = x.shape
+    h = _np_group_norm(x, groups, p['norm']['scale'], p['norm']['bias'])
+    q, k, v = ((h @ p[n]['kernel'] + p[n]['bias']).reshape(B, H * W, C) for n in 'qkv')
+    logits = q @ k.transpose(0, 2, 1) / np.sqrt(C)
+    w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    w /= w.sum(axis=-1, keepdims=True)
+    h = (w @ v).reshape(B, H, W, C)
+    return x + h @ p['proj_out']['kernel'] + p['proj_out']['bias']
+
+
+def test_attn_block_matches_numpy():
+    block = layers.AttnBlock(num_groups=4)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, 16)), jnp.float32)
+    params = _random_params(jax.eval_shape(block.init, jax.random.key(0), x), std=0.3)['params']
+    out = block.apply({'params': params}, x)
+    np_params = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+    expected = _np_attn_block(np.asarray(x, np.float64), np_params, groups=4)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_downsample_pads_like_tf_same():
+    down = layers.Downsample(with_conv=True)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 8, 4)), jnp.float32)
+    params = _random_params(jax.eval_shape(down.init, jax.random.key(0), x))['params']
+    out = down.apply({'params': params}, x)
+    # TF 'SAME' with stride 2 on an even size pads only after: (0, 1).
+    expected = jax.lax.conv_general_dilated(
+        x, params['conv']['kernel'], (2, 2), ((0, 1), (0, 1)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + params['conv']['bias']
+    assert out.shape == (1, 4, 4, 4)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resampling_without_conv():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 4, 4, 2)), jnp.float32)
+    down = layers.Downsample(with_conv=False).apply({}, x)
+    np.testing.assert_allclose(down, x.reshape(1, 2, 2, 2, 2, 2).mean(axis=(2, 4)), rtol=1e-6)
+    up = layers.Upsample(with_conv=False).apply({}, x)
+    assert up.shape == (1, 8, 8, 2)
+    np.testing.assert_array_equal(up[:, ::2, ::2], x)
+    np.testing.assert_array_equal(up[:, 1::2, 1::2], x)
