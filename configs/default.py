@@ -1,9 +1,10 @@
 """Every field of a run, with its meaning. Other configs start from this one and change a few.
 
-    python -m diffusion_jax.main --config=configs/default.py --workdir=runs/default
+    python -m diffusion_jax.main --config=configs/default.py --workdir=runs/default \
+        --config.data.manual_dir=/path/with/cifar-10-binary.tar.gz
 
-The defaults are the paper's CIFAR-10 setup (Ho et al. 2020, Appendix B) except for the data,
-which is the embedded MNIST-5k set; see configs/cifar10.py for the paper's exact run.
+The defaults are the paper's CIFAR-10 setup (Ho et al. 2020, §4 and Appendix B); configs/cifar10.py
+names it explicitly, configs/mnist.py is the CPU-sized main job.
 """
 
 import ml_collections
@@ -12,20 +13,20 @@ from ml_collections import config_dict
 
 def get_config():
     config = ml_collections.ConfigDict()
-    config.seed = 0  # Base of every random draw: parameters, data order, noise (fold_in(key, step)).
+    config.seed = 0  # Base of every random draw: parameters, data order, noise (fold_in).
 
     config.data = data = ml_collections.ConfigDict()
-    data.name = 'mnist5k'  # tfds builder: mnist5k | digits | cifar10_manual.
+    data.name = 'cifar10'  # tfds builder: mnist5k | digits | cifar10 (from the manual archive).
     # Where tfds writes array_record files (None: the tfds default, ~/tensorflow_datasets).
     data.data_dir = config_dict.placeholder(str)
     data.manual_dir = config_dict.placeholder(str)  # Where manually downloaded archives are placed.
-    data.image_size = 28  # H = W of the images; checked against the dataset.
-    data.channels = 1  # Checked against the dataset.
-    data.random_flip = False  # Horizontal flips (the paper flips CIFAR-10, CelebA-HQ, LSUN).
+    data.image_size = 32  # H = W of the images; checked against the dataset.
+    data.channels = 3  # Checked against the dataset.
+    data.random_flip = True  # Horizontal flips (the paper flips CIFAR-10, CelebA-HQ, LSUN).
 
     config.model = model = ml_collections.ConfigDict()  # Fields of models.UNet, passed as-is.
     model.ch = 128  # Base channel count.
-    model.out_ch = 1  # Image channels, or twice that for learned variances.
+    model.out_ch = 3  # Image channels, or twice that for learned variances.
     model.ch_mult = (1, 2, 2, 2)  # Channel multiplier per resolution level.
     model.num_res_blocks = 2  # ResBlocks per level.
     model.attn_resolutions = (16,)  # Spatial sizes that get self-attention after each ResBlock.
@@ -35,7 +36,7 @@ def get_config():
     model.dtype = 'float32'  # Compute dtype (parameters stay float32).
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
-    diffusion.beta_schedule = 'linear'  # linear | cosine | quad | const | jsd | warmup10 | warmup50.
+    diffusion.beta_schedule = 'linear'  # linear|cosine|quad|const|jsd|warmup10|warmup50.
     diffusion.beta_start = 1e-4
     diffusion.beta_end = 0.02
     diffusion.num_timesteps = 1000  # T.
@@ -58,12 +59,12 @@ def get_config():
     training.batch_size = 128  # Global batch, split over every device of every process.
     training.num_train_steps = 800_000
     training.log_every = 100  # Scalars to TensorBoard and the log.
-    training.sample_every = 0  # A grid of `sample_grid_size` 1000-step samples (0: only at the end).
+    training.sample_every = 0  # Steps between sample grids (0: only the final samples).
     training.sample_grid_size = 64
     training.checkpoint_every = 5000
     training.keep_checkpoints = 3
     training.parallel = 'jit'  # jit (NamedSharding) | shard_map (per-device loss, explicit pmean).
-    training.clip_per_replica = False  # shard_map only: clip each replica's gradient before the mean.
+    training.clip_per_replica = False  # shard_map only: clip per replica before the mean.
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.num_samples = 256  # Written to samples.npz / samples.png after training.

@@ -160,7 +160,7 @@ class Diffusion:
                 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
 
     def q_posterior(self, x0, x_t, t):
-        """q(x_{t-1} | x_t, x_0) = N(μ̃, β̃ I) (eqs. 6-7): (mean, variance, clipped log-variance)."""
+        """q(x_{t-1} | x_t, x_0) = N(μ̃, β̃ I) (eqs. 6-7): (mean, variance, clipped log-var)."""
         mean = (_extract(self.posterior_mean_coef1, t, x_t.shape) * x0
                 + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
         variance = _extract(self.posterior_variance, t, x_t.shape)

@@ -57,6 +57,7 @@ def get_beta_schedule(name, num_timesteps, *, beta_start=1e-4, beta_end=0.02):
     elif name == 'cosine':
         betas = _cosine_betas(num_timesteps)
     else:
-        raise ValueError(f'Unknown beta schedule {name!r}; valid names: {", ".join(BETA_SCHEDULES)}')
+        raise ValueError(
+            f'Unknown beta schedule {name!r}; valid names: {", ".join(BETA_SCHEDULES)}')
     assert betas.shape == (num_timesteps,)
     return betas

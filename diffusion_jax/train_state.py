@@ -16,8 +16,9 @@ class TrainState:
 
 def make_lr_schedule(optim_config):
     """Linear warm-up from 0 to the learning rate, then constant (the paper's schedule)."""
-    return optax.linear_schedule(0.0, optim_config.learning_rate,
-                                 max(optim_config.warmup_steps, 1))
+    if optim_config.warmup_steps <= 0:
+        return optax.constant_schedule(optim_config.learning_rate)
+    return optax.linear_schedule(0.0, optim_config.learning_rate, optim_config.warmup_steps)
 
 
 def make_optimizer(optim_config, *, clip=True):
@@ -39,7 +40,7 @@ def ema_decay(optim_config, step):
     """The EMA decay at `step`; with ema_warmup, min(decay, (1 + step) / (10 + step))."""
     decay = jnp.asarray(optim_config.ema_decay, jnp.float32)
     if optim_config.ema_warmup:
-        step = step.astype(jnp.float32)
+        step = jnp.asarray(step, jnp.float32)
         decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     return decay
 

@@ -7,9 +7,9 @@ draws exactly that noise with jax.random, converts it to float64 and runs the ch
 the tables and the per-step math of `tests/reference_ddpm.py` (written from the paper, not from the
 package) and a toy network that has the same closed form in JAX and NumPy.
 
-Achieved max abs errors (jax 0.10.2, CPU, T = 20): final samples and x̂_0 snapshots <= ~2e-6
-against the float64 chain for every mean / variance type with clipping on and off; the tolerance
-used is 2e-5 (absolute) on values of order 1.
+Achieved max abs errors (jax 0.10.2, CPU, T = 20) of the final samples and x̂_0 snapshots against
+the float64 chain, values of order 1: eps and x0 <= 8.5e-7 (tolerance ATOL = 1e-5); xprev
+<= 7.8e-6 (its x̂_0 divides by posterior_mean_coef1 ~ 0.1; tolerance 3 ATOL).
 """
 
 import math
@@ -32,7 +32,16 @@ except ImportError:  # pragma: no cover
 
 T = 20
 SHAPE = (3, 4, 4, 2)  # B, H, W, C for the toy network.
-ATOL = 2e-5
+ATOL = 1e-5
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_compiles():
+    """Compiling dominates these tests on CPU; the bitwise test turns optimizations back on."""
+    previous = jax.config.values['jax_disable_most_optimizations']
+    jax.config.update('jax_disable_most_optimizations', True)
+    yield previous
+    jax.config.update('jax_disable_most_optimizations', previous)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -119,18 +128,25 @@ def test_ancestral_sample_matches_float64_algorithm2(mean_type, var_type, clip):
     ts = snapshot_timesteps(T, chunk)
     np.testing.assert_array_equal(ts, [14, 8, 2, 0])
     assert snaps.shape == (len(ts),) + SHAPE
-    assert max_err(x0, want_x0) < ATOL, max_err(x0, want_x0)
+    tol = 3 * ATOL if mean_type == 'xprev' else ATOL
+    assert max_err(x0, want_x0) < tol, max_err(x0, want_x0)
     for k, t in enumerate(ts):
-        assert max_err(snaps[k], want_preds[int(t)]) < ATOL, (t, max_err(snaps[k], want_preds[t]))
-    # The snapshots are the x̂_0 of those steps and not of neighbouring ones.
+        assert max_err(snaps[k], want_preds[int(t)]) < tol, (t, max_err(snaps[k], want_preds[t]))
+    # The snapshots are the x̂_0 of those steps and not of neighbouring ones (where the reference
+    # tells them apart; xprev with clipping saturates x̂_0 at +-1 everywhere).
+    distinguishable = 0
     for k, t in enumerate(ts[:-1]):
-        assert max_err(snaps[k], want_preds[int(t) - 1]) > 100 * ATOL
-        assert max_err(snaps[k], want_preds[int(t) + 1]) > 100 * ATOL
+        for n in (int(t) - 1, int(t) + 1):
+            if max_err(want_preds[int(t)], want_preds[n]) > 200 * ATOL:
+                distinguishable += 1
+                assert max_err(snaps[k], want_preds[n]) > 100 * ATOL
+    if not (clip and mean_type == 'xprev'):
+        assert distinguishable == 2 * (len(ts) - 1)
 
 
 def test_single_scan_matches_reference_and_last_step_is_noiseless():
-    """chunk_size=None: one snapshot (x̂_0 at t = 0); and the final step adds no noise: the result
-    is exactly the mean of p(x_0 | x_1), which differs from mean + sigma_0 z by far more than ATOL."""
+    """chunk_size=None: one snapshot (x̂_0 at t = 0). The final step adds no noise: the reference
+    returns the mean of p(x_0 | x_1), and mean + sigma_0 z would be far more than ATOL away."""
     params, a, b = toy_params(7)
     rng = jax.random.key(123)
     x_T, noises = contract_noise(rng, SHAPE)
@@ -169,8 +185,8 @@ def test_sharding_does_not_change_samples():
     diffusion = diffusion_for('eps', 'fixedlarge')
     mesh = jax.make_mesh((1,), ('data',))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-    plain = ancestral_sample(toy_apply, params, diffusion, rng, SHAPE, chunk_size=8)
-    sharded = ancestral_sample(toy_apply, params, diffusion, rng, SHAPE, chunk_size=8,
+    plain = ancestral_sample(toy_apply, params, diffusion, rng, SHAPE, chunk_size=10)
+    sharded = ancestral_sample(toy_apply, params, diffusion, rng, SHAPE, chunk_size=10,
                                sharding=sharding)
     np.testing.assert_array_equal(np.asarray(plain[0]), np.asarray(sharded[0]))
     np.testing.assert_array_equal(np.asarray(plain[1]), np.asarray(sharded[1]))
@@ -193,15 +209,24 @@ def unet_apply(params, x, t):
 
 @pytest.fixture(scope='module')
 def unet_params():
-    variables = UNET.init(jax.random.key(0), jnp.zeros(UNET_SHAPE, jnp.float32),
-                          jnp.zeros((UNET_SHAPE[0],), jnp.int32))
+    variables = jax.jit(UNET.init)(jax.random.key(0), jnp.zeros(UNET_SHAPE, jnp.float32),
+                                   jnp.zeros((UNET_SHAPE[0],), jnp.int32))
     # The output conv is zero-initialised: perturb every parameter so the output is not ~0.
     rng = np.random.default_rng(0)
     return jax.tree.map(
         lambda p: p + jnp.asarray(0.05 * rng.standard_normal(p.shape), jnp.float32), variables)
 
 
-def test_chunked_equals_single_scan_bitwise(unet_params):
+def test_chunked_equals_single_scan_bitwise(unet_params, fast_compiles):
+    """With XLA's optimizations as users run it (the other tests turn most of them off)."""
+    jax.config.update('jax_disable_most_optimizations', fast_compiles)
+    try:
+        _check_chunked_equals_single_scan(unet_params)
+    finally:
+        jax.config.update('jax_disable_most_optimizations', True)
+
+
+def _check_chunked_equals_single_scan(unet_params):
     x = jnp.asarray(np.random.default_rng(1).standard_normal(UNET_SHAPE), jnp.float32)
     out = unet_apply(unet_params, x, jnp.array([3, 17], jnp.int32))
     assert float(jnp.std(out)) > 0.05  # the network is not trivially zero

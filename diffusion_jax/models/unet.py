@@ -55,6 +55,9 @@ class UNet(nn.Module):
             raise ValueError(f'x must have shape [B, H, W, C] with H == W, got shape {x.shape}')
         if t.shape != (x.shape[0],):
             raise ValueError(f't must have shape [B] = ({x.shape[0]},), got shape {t.shape}')
+        if x.shape[1] % 2 ** (len(self.ch_mult) - 1):
+            raise ValueError(f'image size {x.shape[1]} cannot be halved {len(self.ch_mult) - 1} '
+                             f'times evenly, as ch_mult={self.ch_mult} needs')
         dtype, groups = self.dtype, self.num_groups
 
         def resnet(mult, name):

@@ -64,9 +64,9 @@ def ancestral_sample(model_apply, params, diffusion, rng, shape, *, clip_denoise
        x̂_0 snapshots [num_chunks, B, H, W, C]: the prediction at the last step of each chunk).
     """
     num_timesteps = diffusion.num_timesteps
-    chunk_size = num_timesteps if chunk_size is None else int(chunk_size)
-    if chunk_size <= 0:
-        raise ValueError(f'chunk_size must be positive, got {chunk_size}')
+    chunk_size = num_timesteps if chunk_size is None else chunk_size
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+        raise ValueError(f'chunk_size must be a positive integer, got {chunk_size!r}')
     x = jax.random.normal(jax.random.fold_in(rng, num_timesteps), shape, jnp.float32)
     if sharding is not None:
         x = jax.device_put(x, sharding)

@@ -1,0 +1,147 @@
+"""The training wiring: exact resume, the CLI end to end, configs and clear errors."""
+
+import glob
+import importlib
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_python
+from configs import tiny
+from diffusion_jax import reporting, train
+
+CONFIG_NAMES = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
+                      if p.stem not in ('__init__', 'hires'))
+
+
+def tiny_config(data_dir, **training):
+    config = tiny.get_config()
+    config.data.data_dir = data_dir
+    config.sampling.num_samples = 0
+    config.training.log_every = 1
+    config.training.update(training)
+    return config
+
+
+def losses_by_step(workdir):
+    rows = reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+    return {row['step']: row['loss'] for row in rows}
+
+
+def test_resume_equals_uninterrupted_run_bitwise(tmp_path, data_dir):
+    """2k steps straight == k steps, a restart from the checkpoint, and k more (data order, RNG
+    and optimizer state included)."""
+    k = 4
+    straight = train.train_and_evaluate(
+        tiny_config(data_dir, num_train_steps=2 * k, checkpoint_every=2), str(tmp_path / 'a'))
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=k, checkpoint_every=2),
+                             str(tmp_path / 'b'))
+    resumed = train.train_and_evaluate(
+        tiny_config(data_dir, num_train_steps=2 * k, checkpoint_every=2), str(tmp_path / 'b'))
+    losses_a, losses_b = losses_by_step(tmp_path / 'a'), losses_by_step(tmp_path / 'b')
+    assert sorted(losses_a) == list(range(1, 2 * k + 1))
+    assert losses_b == losses_a  # Exact float equality, step for step.
+    assert len(set(losses_a.values())) == 2 * k  # The loss really changes between steps.
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_main_end_to_end_and_rerun_resumes(tmp_path, data_dir):
+    workdir = tmp_path / 'run'
+    command = ['-m', 'diffusion_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+               f'--config.data.data_dir={data_dir}']
+    run_python(command)
+    with np.load(workdir / 'samples.npz') as f:
+        samples = f['images']
+    assert samples.shape == (16, 8, 8, 1) and samples.dtype == np.uint8
+    assert samples.std() > 0
+    for name in ('samples.png', 'progressive.png', 'loss.png', 'config.json', 'metrics.jsonl'):
+        assert (workdir / name).is_file(), name
+    assert glob.glob(str(workdir / 'events.out.tfevents.*'))
+    assert (workdir / 'checkpoints' / '6').is_dir()
+    assert json.loads((workdir / 'config.json').read_text())['data']['name'] == 'digits'
+    # The same command with more steps continues from step 6 instead of starting over.
+    result = run_python(command + ['--config.training.num_train_steps=8'])
+    assert 'Restored checkpoint at step 6' in result.stderr
+    assert max(losses_by_step(workdir)) == 8
+    assert (workdir / 'checkpoints' / '8').is_dir()
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.training.nope=1', "unknown config key 'training.nope'"),
+    ('--config.nope.deeper=1', "unknown config key 'nope.deeper'"),
+    ('--config.training.batch_size=abc', 'invalid literal for int()'),
+    ('--config.diffusion.num_timesteps=1.5', 'invalid literal for int()'),
+])
+def test_bad_override_fails_before_anything_runs(tmp_path, override, message):
+    workdir = tmp_path / 'never'
+    result = run_python(['-m', 'diffusion_jax.main', '--config=configs/tiny.py',
+                         f'--workdir={workdir}', override], check=False, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_every_config_loads_locks_and_builds_its_model(name):
+    config = importlib.import_module(f'configs.{name}').get_config()
+    config.lock()
+    with pytest.raises(AttributeError):
+        config.training.not_a_field = 1
+    assert (config.__doc__ or importlib.import_module(f'configs.{name}').__doc__).strip()
+    model = train.make_model(config)
+    size = config.data.image_size
+    variables = jax.eval_shape(model.init, jax.random.key(0),
+                               jax.ShapeDtypeStruct((1, size, size, config.data.channels),
+                                                    np.float32),
+                               jax.ShapeDtypeStruct((1,), np.int32))
+    num_params = sum(x.size for x in jax.tree.leaves(variables))
+    expected = {'cifar10': 35_746_307, 'celebahq': 113_673_219, 'lsun_church': 113_673_219,
+                'lsun_bedroom': 113_673_219, 'lsun_cat': 113_673_219}
+    if name in expected:
+        assert num_params == expected[name]
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_config_docstring_starts_with_its_command(name):
+    doc = importlib.import_module(f'configs.{name}').__doc__
+    assert f'--config=configs/{name}.py' in doc
+
+
+def test_out_ch_mismatch_names_the_fix():
+    config = tiny.get_config()
+    config.diffusion.var_type = 'learned_range'
+    config.diffusion.loss_type = 'hybrid'
+    with pytest.raises(ValueError, match='--config.model.out_ch=2'):
+        train.make_model(config)
+
+
+def test_check_finite_names_step_and_metric():
+    metrics = [{'loss': np.float32(1.0), 'grad_norm': np.float32(2.0)},
+               {'loss': np.float32(np.nan), 'grad_norm': np.float32(2.0)}]
+    with pytest.raises(FloatingPointError, match='non-finite loss .* at step 12'):
+        train.check_finite(metrics, first_step=10)
+    train.check_finite(metrics[:1], first_step=10)
+
+
+def test_global_batch_must_divide_devices():
+    from diffusion_jax import parallel
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch(16, mesh)
+    fake = type('Mesh', (), {'devices': np.zeros(8)})()
+    with pytest.raises(ValueError, match='not divisible by the 8 devices'):
+        parallel.check_global_batch(12, fake)
+
+
+def test_readme_commands_are_the_ones_ci_runs():
+    readme = (ROOT / 'README.md').read_text()
+    ci = (ROOT / '.ci' / 'run').read_text()
+    test_command = "pip install -e '.[test]' && pytest"
+    assert test_command in readme and test_command in ci
+    assert 'python -m diffusion_jax.main --config=configs/mnist.py --workdir=runs/mnist' in readme
+    assert os.access(ROOT / '.ci' / 'run', os.X_OK)
+    assert pathlib.Path(ROOT / 'setup.cfg').is_file()
