@@ -70,6 +70,10 @@ def get_config():
     sampling.num_samples = 256  # Written to samples.npz / samples.png after training.
     sampling.batch_size = 256  # Images per sampler call.
     sampling.clip_denoised = True  # Clip x̂_0 to [-1, 1] in every reverse step.
-    sampling.chunk_size = 50  # Reverse steps per jitted call (progress bar granularity).
-    sampling.progressive_every = 100  # x̂_0 snapshot spacing for progressive.png (paper Fig. 6).
+    sampling.chunk_size = 100  # Reverse steps per jitted call: progress bar and x̂_0 snapshots.
+
+    config.eval = evaluation = ml_collections.ConfigDict()  # --mode=eval
+    evaluation.num_images = 256  # Test images in the bits/dim bound (T forward passes each).
+    evaluation.batch_size = 128  # Images per bound evaluation call.
+    evaluation.timestep_chunk = 100  # Timesteps per jitted call (progress bar granularity).
     return config

@@ -297,21 +297,22 @@ class Diffusion:
         return loss
 
 
-def calc_bpd_loop(denoise_fn: Callable, diffusion: Diffusion, x0, rng, *, clip_denoised=True,
-                  timestep_batch=1):
-    """The whole variational bound of eq. 5 in bits/dim, one forward pass per timestep.
+def bound_terms(denoise_fn: Callable, diffusion: Diffusion, x0, rng, timesteps, *,
+                clip_denoised=True, timestep_batch=1):
+    """The bound terms L_t (eq. 5) and the x̂_0 errors at the given timesteps.
 
     Args:
       denoise_fn: (x_t, t) -> model output.
       diffusion: the process.
       x0: data in [-1, 1], [B, H, W, C].
-      rng: key; the noise at step t is drawn from fold_in(rng, t).
+      rng: key; the noise at step t is drawn from fold_in(rng, t), so any split of the timesteps
+        into calls gives the same terms.
+      timesteps: int [K], the t to evaluate.
       clip_denoised: clip x̂_0 inside p (the original evaluation does).
       timestep_batch: timesteps evaluated together by `lax.map` (memory vs. speed).
 
     Returns:
-      dict with `total_bpd` [B], `prior_bpd` [B], `terms_bpd` [B, T] (L_0 .. L_{T-1}) and
-      `x0_mse` [B, T] (mean squared error of x̂_0 at each t, for rate–distortion).
+      (bits/dim [B, K], mean squared error of x̂_0 [B, K]).
     """
     def term(t_scalar):
         t = jnp.full((x0.shape[0],), t_scalar, dtype=jnp.int32)
@@ -320,8 +321,23 @@ def calc_bpd_loop(denoise_fn: Callable, diffusion: Diffusion, x0, rng, *, clip_d
         bits, pred_x0 = diffusion.vb_terms_bpd(denoise_fn(x_t, t), x0, x_t, t, clip_denoised)
         return bits, mean_flat(jnp.square(pred_x0 - x0))
 
-    ts = jnp.arange(diffusion.num_timesteps, dtype=jnp.int32)
-    terms, mse = jax.lax.map(term, ts, batch_size=timestep_batch)
+    terms, mse = jax.lax.map(term, jnp.asarray(timesteps, jnp.int32), batch_size=timestep_batch)
+    return terms.T, mse.T
+
+
+def calc_bpd_loop(denoise_fn: Callable, diffusion: Diffusion, x0, rng, *, clip_denoised=True,
+                  timestep_batch=1):
+    """The whole variational bound of eq. 5 in bits/dim, one forward pass per timestep.
+
+    Args:
+      denoise_fn, diffusion, x0, rng, clip_denoised, timestep_batch: see `bound_terms`.
+
+    Returns:
+      dict with `total_bpd` [B], `prior_bpd` [B], `terms_bpd` [B, T] (L_0 .. L_{T-1}) and
+      `x0_mse` [B, T] (mean squared error of x̂_0 at each t, for rate–distortion).
+    """
+    terms, mse = bound_terms(denoise_fn, diffusion, x0, rng, jnp.arange(diffusion.num_timesteps),
+                             clip_denoised=clip_denoised, timestep_batch=timestep_batch)
     prior = diffusion.prior_bpd(x0)
-    return dict(total_bpd=jnp.sum(terms, axis=0) + prior, prior_bpd=prior,
-                terms_bpd=terms.T, x0_mse=mse.T)
+    return dict(total_bpd=jnp.sum(terms, axis=1) + prior, prior_bpd=prior,
+                terms_bpd=terms, x0_mse=mse)

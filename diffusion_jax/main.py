@@ -17,13 +17,46 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from diffusion_jax import evaluate
 from diffusion_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, event files and samples go here.')
-flags.DEFINE_enum('mode', 'train', ['train'], 'train: train (resuming if possible), then sample.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'],
+                  'train: train (resuming if possible), then sample; sample: samples from the '
+                  "workdir's EMA weights; eval: test bits/dim and rate-distortion.")
+flags.DEFINE_integer(
+    'cpu_devices', -1,
+    'XLA CPU devices (used only when running on the CPU): -1 picks one per core, reduced to a '
+    'divisor of the batch sizes; 0 leaves the XLA default (one multi-threaded device).')
+flags.DEFINE_bool('cpu_fast_math', True, 'XLA CPU fast math (NaN and Inf are still honoured).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def configure_cpu_backend(config, cpu_devices, fast_math):
+    """One single-threaded XLA device per core, data-parallel over the cores.
+
+    On 2 cores this trains the main job 1.6x and samples ~2x faster than one device with a
+    2-thread pool: its small convolutions do not split well across threads, whole batch halves do.
+    Must run before JAX initializes a backend; it does not touch TPU or GPU backends.
+    """
+    xla_flags = os.environ.get('XLA_FLAGS', '')
+    if fast_math:
+        xla_flags += ' --xla_cpu_enable_fast_math=true'
+    user_set = ('xla_force_host_platform_device_count' in xla_flags
+                or 'JAX_NUM_CPU_DEVICES' in os.environ)
+    if cpu_devices != 0 and not user_set:
+        if cpu_devices < 0:
+            batch_sizes = (config.training.batch_size, config.sampling.batch_size,
+                           config.eval.batch_size)
+            cpu_devices = len(os.sched_getaffinity(0))
+            while any(b % cpu_devices for b in batch_sizes):
+                cpu_devices -= 1
+        if cpu_devices > 1:
+            xla_flags += ' --xla_cpu_multi_thread_eigen=false'
+            jax.config.update('jax_num_cpu_devices', cpu_devices)
+    os.environ['XLA_FLAGS'] = xla_flags.strip()
 
 
 def main(argv):
@@ -32,13 +65,18 @@ def main(argv):
     # absl logs at WARNING by default; the run's progress is logged at INFO.
     logging.set_verbosity(logging.INFO)
     py_logging.getLogger('absl').setLevel(py_logging.INFO)
-    # Orbax logs every file it writes at INFO; keep the run's own log readable.
-    for name in ('orbax', 'jax._src.distributed'):
-        py_logging.getLogger(name).setLevel(py_logging.WARNING)
+    # Orbax logs every file it writes at INFO through absl; keep the run's own log readable.
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname)
+    configure_cpu_backend(FLAGS.config, FLAGS.cpu_devices, FLAGS.cpu_fast_math)
     logging.info('JAX process %d of %d, local devices %s', jax.process_index(),
                  jax.process_count(), jax.local_devices())
     if FLAGS.mode == 'train':
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'sample':
+        evaluate.sample(FLAGS.config, FLAGS.workdir)
+    else:
+        evaluate.evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def _config_path(argv):

@@ -121,8 +121,13 @@ def compile_step(step_fn, state, batch, rng):
 
 
 def check_finite(step_metrics, first_step):
-    """Raises FloatingPointError naming the first step and metric that is not finite."""
-    for offset, metrics in enumerate(jax.device_get(step_metrics)):
+    """Raises FloatingPointError naming the first step and metric that is not finite.
+
+    Args:
+      step_metrics: host (NumPy) metric dicts of consecutive steps.
+      first_step: the step count before the first of them.
+    """
+    for offset, metrics in enumerate(step_metrics):
         for name, value in sorted(metrics.items()):
             if not np.all(np.isfinite(value)):
                 raise FloatingPointError(
@@ -229,8 +234,9 @@ def _train_loop(config, workdir, state, input_pipeline, mesh, manager, writer, s
         bar.update(1)
         is_last = done == training.num_train_steps
         if done % training.log_every == 0 or is_last or manager.should_save(done):
+            pending = jax.device_get(pending)
             check_finite(pending, done - len(pending))
-            means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+            means = {k: np.mean([m[k] for m in pending]) for k in pending[0]}
             elapsed = time.perf_counter() - last_log[1]
             steps_per_sec = (done - last_log[0]) / max(elapsed, 1e-9)
             means.update(steps_per_sec=steps_per_sec,

@@ -54,7 +54,7 @@ def test_main_end_to_end_and_rerun_resumes(tmp_path, data_dir):
     workdir = tmp_path / 'run'
     command = ['-m', 'diffusion_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
                f'--config.data.data_dir={data_dir}']
-    run_python(command)
+    run_python(command + ['--config.training.sample_every=3'])
     with np.load(workdir / 'samples.npz') as f:
         samples = f['images']
     assert samples.shape == (16, 8, 8, 1) and samples.dtype == np.uint8
@@ -62,6 +62,9 @@ def test_main_end_to_end_and_rerun_resumes(tmp_path, data_dir):
     for name in ('samples.png', 'progressive.png', 'loss.png', 'config.json', 'metrics.jsonl'):
         assert (workdir / name).is_file(), name
     assert glob.glob(str(workdir / 'events.out.tfevents.*'))
+    assert (workdir / 'sample_grids' / 'step_00000003.png').is_file()  # sample_every=3
+    assert set(reporting.read_metrics(workdir / 'metrics.jsonl')[0]) >= {
+        'loss', 'grad_norm', 'learning_rate', 'steps_per_sec', 'images_per_sec'}
     assert (workdir / 'checkpoints' / '6').is_dir()
     assert json.loads((workdir / 'config.json').read_text())['data']['name'] == 'digits'
     # The same command with more steps continues from step 6 instead of starting over.

@@ -6,6 +6,7 @@ stored PNG bytes with OpenCV or, failing that, PIL. So writing and reading never
 """
 
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 
 # One row in TEST_SHARE of every class goes to the test split (rounded down per class).
@@ -75,3 +76,30 @@ def labelled_examples(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, 
             "image": to_pil_image(images[row], shape=shape),
             "label": int(labels[row]),
         }
+
+
+def image_label_info(builder, *, shape: tuple[int, int, int], description: str, homepage: str,
+                     label_names: tuple[str, ...] | None = None) -> tfds.core.DatasetInfo:
+    """The `DatasetInfo` of an (image, label) builder with PNG-encoded images.
+
+    Built directly: `dataset_info_from_configs` would look for metadata files (README,
+    CITATIONS.bib) beside the builder's module.
+
+    Args:
+      builder: the builder instance (`self` in `_info`).
+      shape: the image shape (H, W, C).
+      description, homepage: shown by tfds.
+      label_names: class names, or None for 10 unnamed classes.
+    """
+    label = (tfds.features.ClassLabel(names=list(label_names)) if label_names
+             else tfds.features.ClassLabel(num_classes=10))
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=description,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=shape, encoding_format="png"),
+            "label": label,
+        }),
+        supervised_keys=("image", "label"),
+        homepage=homepage,
+    )

@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import tensorflow_datasets as tfds
 
-from diffusion_jax.data.builder_helpers import labelled_examples
+from diffusion_jax.data.builder_helpers import image_label_info, labelled_examples
 
 ARCHIVE_NAME = "cifar-10-binary.tar.gz"
 TRAIN_MEMBERS = tuple(f"cifar-10-batches-bin/data_batch_{i}.bin" for i in range(1, 6))
@@ -85,16 +85,10 @@ class Cifar10Manual(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="CIFAR-10 from the official binary archive (32x32 RGB, 10 classes).",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=IMAGE_SHAPE, encoding_format="png"),
-                "label": tfds.features.ClassLabel(names=LABEL_NAMES),
-            }),
-            supervised_keys=("image", "label"),
+        return image_label_info(
+            self, shape=IMAGE_SHAPE, label_names=LABEL_NAMES,
             homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
-        )
+            description="CIFAR-10 from the official binary archive (32x32 RGB, 10 classes).")
 
     def _split_generators(self, dl_manager):
         archive = _manual_archive(dl_manager)

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from diffusion_jax.data.builder_helpers import (
-    TEST_SHARE, labelled_examples, stratified_split)
+    TEST_SHARE, image_label_info, labelled_examples, stratified_split)
 
 IMAGE_SHAPE = (8, 8, 1)
 # Fixed forever: changing it changes which rows are test images.
@@ -37,19 +37,13 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
+        return image_label_info(
+            self, shape=IMAGE_SHAPE,
+            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
             description=(
                 "scikit-learn's 8x8 digits, values 0..16 scaled to uint8 by round(v * 255 / 16). "
                 f"Split: for each class, 1 in {TEST_SHARE} rows chosen by "
-                f"np.random.default_rng([{SPLIT_SEED}, class]) go to test."),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=IMAGE_SHAPE, encoding_format="png"),
-                "label": tfds.features.ClassLabel(num_classes=10),
-            }),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
-        )
+                f"np.random.default_rng([{SPLIT_SEED}, class]) go to test."))
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download: the data is in scikit-learn.

