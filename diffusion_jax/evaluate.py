@@ -14,6 +14,7 @@ from diffusion_jax import parallel
 from diffusion_jax import train
 from diffusion_jax import train_state as train_state_lib
 from diffusion_jax.data import pipeline as data_pipeline
+from diffusion_jax.evaluation import feature_metrics
 from diffusion_jax.evaluation import likelihood
 
 
@@ -41,7 +42,7 @@ def sample(config, workdir):
 
 
 def evaluate(config, workdir):
-    """Bits/dim on the test split and the rate–distortion curve, written to eval.json and CSVs."""
+    """Bits/dim on the test split, rate–distortion and (MNIST-5k) sample quality: eval.json etc."""
     mesh = parallel.make_mesh()
     model, params, step = restore_ema_params(config, workdir, mesh)
     diffusion = train.make_diffusion(config.diffusion)
@@ -67,12 +68,32 @@ def evaluate(config, workdir):
                    decoder_bpd=float(bound['terms_bpd'][0]), seconds=seconds)
     logging.info('Test bits/dim %.4f ± %.4f over %d images (%.0f s)', results['bits_per_dim'],
                  results['bits_per_dim_stderr'], len(total), seconds)
+    results.update(_sample_quality(config, workdir))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'eval.json'), 'w') as f:
             json.dump(results, f, indent=2)
         _write_bound_csv(os.path.join(workdir, 'rate_distortion.csv'), bound, rate, distortion)
         _plot_rate_distortion(os.path.join(workdir, 'rate_distortion.png'), rate, distortion)
     return results
+
+
+def _sample_quality(config, workdir):
+    """FD-MNIST5k / KID / classifier IS of the workdir's samples.npz (MNIST-5k runs only).
+
+    Never called FID: the features are those of the small classifier shipped in the package.
+    """
+    samples_path = os.path.join(workdir, 'samples.npz')
+    if config.data.name != 'mnist5k' or not os.path.exists(samples_path):
+        logging.info('No sample-quality metrics: they need an mnist5k run with samples.npz '
+                     '(write it with --mode=sample)')
+        return {}
+    with np.load(samples_path, allow_pickle=False) as f:
+        samples = f['images']
+    metrics = feature_metrics.mnist5k_metrics(samples)
+    logging.info('FD-MNIST5k %.3f, KID %.3g ± %.3g, classifier IS %.3f (%d samples)',
+                 metrics['fd_mnist5k'], metrics['kid_mean'], metrics['kid_std'],
+                 metrics['classifier_is'], metrics['num_samples'])
+    return metrics
 
 
 def _write_bound_csv(path, bound, rate, distortion):

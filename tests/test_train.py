@@ -67,6 +67,18 @@ def test_main_end_to_end_and_rerun_resumes(tmp_path, data_dir):
         'loss', 'grad_norm', 'learning_rate', 'steps_per_sec', 'images_per_sec'}
     assert (workdir / 'checkpoints' / '6').is_dir()
     assert json.loads((workdir / 'config.json').read_text())['data']['name'] == 'digits'
+    # --mode=sample and --mode=eval on the trained workdir.
+    (workdir / 'samples.npz').unlink()
+    run_python(command + ['--mode=sample'])
+    with np.load(workdir / 'samples.npz') as f:
+        np.testing.assert_array_equal(f['images'], samples)  # Same seed, same EMA weights.
+    run_python(command + ['--mode=eval', '--config.eval.num_images=8',
+                          '--config.eval.batch_size=8', '--config.eval.timestep_chunk=7'])
+    results = json.loads((workdir / 'eval.json').read_text())
+    assert results['num_images'] == 8 and results['step'] == 6
+    assert 0 < results['bits_per_dim'] < 20
+    assert (workdir / 'rate_distortion.png').is_file()
+    assert len((workdir / 'rate_distortion.csv').read_text().splitlines()) == 1 + 20
     # The same command with more steps continues from step 6 instead of starting over.
     result = run_python(command + ['--config.training.num_train_steps=8'])
     assert 'Restored checkpoint at step 6' in result.stderr
