@@ -76,4 +76,5 @@ def get_config():
     evaluation.num_images = 256  # Test images in the bits/dim bound (T forward passes each).
     evaluation.batch_size = 128  # Images per bound evaluation call.
     evaluation.timestep_chunk = 100  # Timesteps per jitted call (progress bar granularity).
+    evaluation.interpolation_t = 500  # Encoding time of interpolation.png (paper Fig. 8).
     return config

@@ -10,7 +10,9 @@ import jax
 import numpy as np
 
 from diffusion_jax import checkpointing
+from diffusion_jax import images
 from diffusion_jax import parallel
+from diffusion_jax import sampling
 from diffusion_jax import train
 from diffusion_jax import train_state as train_state_lib
 from diffusion_jax.data import pipeline as data_pipeline
@@ -69,12 +71,33 @@ def evaluate(config, workdir):
     logging.info('Test bits/dim %.4f ± %.4f over %d images (%.0f s)', results['bits_per_dim'],
                  results['bits_per_dim_stderr'], len(total), seconds)
     results.update(_sample_quality(config, workdir))
+    _write_interpolation(config, workdir, train.make_model_apply(model), params, diffusion,
+                         test_images)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'eval.json'), 'w') as f:
             json.dump(results, f, indent=2)
         _write_bound_csv(os.path.join(workdir, 'rate_distortion.csv'), bound, rate, distortion)
         _plot_rate_distortion(os.path.join(workdir, 'rate_distortion.png'), rate, distortion)
     return results
+
+
+def _write_interpolation(config, workdir, model_apply, params, diffusion, test_images):
+    """interpolation.png (paper Fig. 8): rows are pairs of test images, columns λ = 0 .. 1."""
+    num_pairs = min(4, len(test_images) // 2)
+    x0 = jax.numpy.asarray(test_images[:2 * num_pairs], jax.numpy.float32) / 127.5 - 1.0
+    t = min(config.eval.interpolation_t, diffusion.num_timesteps - 1)
+    decoded = sampling.interpolate(
+        model_apply, params, diffusion, x0[0::2], x0[1::2],
+        jax.random.fold_in(jax.random.key(config.seed), 0x1E7), t=t,
+        clip_denoised=config.sampling.clip_denoised, chunk_size=config.sampling.chunk_size)
+    # Each row: source a, the decoded mixes, source b.
+    rows = np.concatenate([images.to_uint8(x0[0::2])[:, None], images.to_uint8(decoded),
+                           images.to_uint8(x0[1::2])[:, None]], axis=1)
+    if jax.process_index() == 0:
+        images.save_png(os.path.join(workdir, 'interpolation.png'),
+                        images.make_grid(rows.reshape((-1,) + rows.shape[2:]),
+                                         ncol=rows.shape[1]),
+                        scale=max(1, 64 // config.data.image_size))
 
 
 def _sample_quality(config, workdir):

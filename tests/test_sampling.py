@@ -275,3 +275,35 @@ def test_bad_chunk_size_raises(bad):
     with pytest.raises(ValueError):
         ancestral_sample(toy_apply, params, diffusion_for('eps', 'fixedlarge'), jax.random.key(0),
                          SHAPE, chunk_size=bad)
+
+
+def test_interpolation_endpoints_are_the_encoded_sources_decoded():
+    """λ = 0 and 1 decode q_sample(x0_a) and q_sample(x0_b) with the shared encoder noise, and
+    the reverse noise is the same for every λ (a mix of two equal images gives one image)."""
+    from diffusion_jax.sampling import interpolate, reverse_chain
+
+    diffusion = Diffusion.create(get_beta_schedule('linear', 20))
+    model_apply = _interp_model_apply
+    params = {'a': jnp.float32(0.3), 'b': jnp.float32(0.1)}
+    rng_np = np.random.default_rng(5)
+    x0_a = jnp.asarray(rng_np.uniform(-1, 1, (2, 4, 4, 1)), jnp.float32)
+    x0_b = jnp.asarray(rng_np.uniform(-1, 1, (2, 4, 4, 1)), jnp.float32)
+    rng = jax.random.key(9)
+    out = interpolate(model_apply, params, diffusion, x0_a, x0_b, rng, t=12, num_lambdas=5,
+                      chunk_size=4)
+    assert out.shape == (2, 5, 4, 4, 1)
+    noise = jax.random.normal(jax.random.fold_in(rng, 21), x0_a.shape)
+    t_vec = jnp.full((2,), 12, jnp.int32)
+    for x0, column in ((x0_a, 0), (x0_b, 4)):
+        expected, _ = reverse_chain(model_apply, params, diffusion,
+                                    diffusion.q_sample(x0, t_vec, noise), rng, t_start=12,
+                                    chunk_size=4)
+        np.testing.assert_allclose(out[:, column], expected, atol=1e-6)
+    same = interpolate(model_apply, params, diffusion, x0_a, x0_a, rng, t=12, num_lambdas=3)
+    np.testing.assert_allclose(same[:, 0], same[:, 2], atol=1e-6)
+    np.testing.assert_allclose(same[:, 0], same[:, 1], atol=1e-5)
+    assert not np.allclose(out[:, 0], out[:, 4], atol=1e-3)
+
+
+def _interp_model_apply(params, x, t):
+    return params['a'] * x + params['b'] * t[:, None, None, None].astype(jnp.float32) / 20.0

@@ -78,6 +78,7 @@ def test_main_end_to_end_and_rerun_resumes(tmp_path, data_dir):
     assert results['num_images'] == 8 and results['step'] == 6
     assert 0 < results['bits_per_dim'] < 20
     assert (workdir / 'rate_distortion.png').is_file()
+    assert (workdir / 'interpolation.png').is_file()
     assert len((workdir / 'rate_distortion.csv').read_text().splitlines()) == 1 + 20
     # The same command with more steps continues from step 6 instead of starting over.
     result = run_python(command + ['--config.training.num_train_steps=8'])

@@ -1,5 +1,8 @@
 """Samplers. Each one is a jitted `lax.scan` over reverse steps."""
 
-from diffusion_jax.sampling.ancestral import ancestral_sample, reverse_steps, snapshot_timesteps
+from diffusion_jax.sampling.ancestral import (ancestral_sample, reverse_chain, reverse_steps,
+                                              snapshot_timesteps)
+from diffusion_jax.sampling.interpolation import interpolate
 
-__all__ = ['ancestral_sample', 'reverse_steps', 'snapshot_timesteps']
+__all__ = ['ancestral_sample', 'interpolate', 'reverse_chain', 'reverse_steps',
+           'snapshot_timesteps']

@@ -63,16 +63,29 @@ def ancestral_sample(model_apply, params, diffusion, rng, shape, *, clip_denoise
       (x_0 as float32 [B, H, W, C] in about [-1, 1],
        x̂_0 snapshots [num_chunks, B, H, W, C]: the prediction at the last step of each chunk).
     """
-    num_timesteps = diffusion.num_timesteps
-    chunk_size = num_timesteps if chunk_size is None else chunk_size
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
-        raise ValueError(f'chunk_size must be a positive integer, got {chunk_size!r}')
-    x = jax.random.normal(jax.random.fold_in(rng, num_timesteps), shape, jnp.float32)
+    x = jax.random.normal(jax.random.fold_in(rng, diffusion.num_timesteps), shape, jnp.float32)
     if sharding is not None:
         x = jax.device_put(x, sharding)
-    snapshots = []
-    t_start = num_timesteps - 1
-    with tqdm(total=num_timesteps, desc='sampling', unit='step', disable=not progress) as bar:
+    return reverse_chain(model_apply, params, diffusion, x, rng,
+                         t_start=diffusion.num_timesteps - 1, clip_denoised=clip_denoised,
+                         chunk_size=chunk_size, progress=progress)
+
+
+def reverse_chain(model_apply, params, diffusion, x_t, rng, *, t_start, clip_denoised=True,
+                  chunk_size=None, progress=False):
+    """Runs the reverse process from x_t at time `t_start` down to x_0 in jitted chunks.
+
+    The sampler starts it at x_T; interpolation (paper Fig. 8) and editing start it from a
+    noised image at an intermediate t. Arguments as in `ancestral_sample`.
+
+    Returns:
+      (x_0, x̂_0 snapshots at the last step of each chunk).
+    """
+    chunk_size = t_start + 1 if chunk_size is None else chunk_size
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+        raise ValueError(f'chunk_size must be a positive integer, got {chunk_size!r}')
+    x, snapshots = x_t, []
+    with tqdm(total=t_start + 1, desc='sampling', unit='step', disable=not progress) as bar:
         while t_start >= 0:
             num_steps = min(chunk_size, t_start + 1)
             x, pred_x0 = reverse_steps(model_apply, params, diffusion, x, rng,
