@@ -54,9 +54,10 @@ def evaluate(config, workdir):
     data_pipeline.check_images(test_images, image_size=config.data.image_size,
                                channels=config.data.channels)
     test_images = test_images[:config.eval.num_images]
+    model_apply = train.make_model_apply(model)  # One object: it is a jit static argument.
     start = time.perf_counter()
     bound = likelihood.bits_per_dim(
-        train.make_model_apply(model), params, diffusion, test_images,
+        model_apply, params, diffusion, test_images,
         jax.random.fold_in(jax.random.key(config.seed), 0xE7A1),
         batch_size=config.eval.batch_size, sharding=parallel.data_sharded(mesh),
         timestep_chunk=config.eval.timestep_chunk)
@@ -71,8 +72,7 @@ def evaluate(config, workdir):
     logging.info('Test bits/dim %.4f ± %.4f over %d images (%.0f s)', results['bits_per_dim'],
                  results['bits_per_dim_stderr'], len(total), seconds)
     results.update(_sample_quality(config, workdir))
-    _write_interpolation(config, workdir, train.make_model_apply(model), params, diffusion,
-                         test_images)
+    _write_interpolation(config, workdir, model_apply, params, diffusion, test_images)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'eval.json'), 'w') as f:
             json.dump(results, f, indent=2)
