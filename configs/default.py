@@ -77,4 +77,10 @@ def get_config():
     evaluation.batch_size = 128  # Images per bound evaluation call.
     evaluation.timestep_chunk = 100  # Timesteps per jitted call (progress bar granularity).
     evaluation.interpolation_t = 500  # Encoding time of interpolation.png (paper Fig. 8).
+    # Inception FID / IS of samples.npz: the FID Inception weights as .npz (convert them with
+    # scripts/convert_inception_weights.py) and reference statistics (.npz with mu, sigma).
+    evaluation.inception_weights = config_dict.placeholder(str)
+    evaluation.fid_reference = config_dict.placeholder(str)
+    evaluation.inception_batch_size = 100
+    evaluation.inception_splits = 10  # IS: mean over this many splits of the samples.
     return config

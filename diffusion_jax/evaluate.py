@@ -17,6 +17,7 @@ from diffusion_jax import train
 from diffusion_jax import train_state as train_state_lib
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.evaluation import feature_metrics
+from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation import likelihood
 
 
@@ -72,7 +73,7 @@ def evaluate(config, workdir):
     logging.info('Test bits/dim %.4f ± %.4f over %d images (%.0f s)', results['bits_per_dim'],
                  results['bits_per_dim_stderr'], len(total), seconds)
     results.update(_sample_quality(config, workdir))
-    _write_interpolation(config, workdir, model_apply, params, diffusion, test_images)
+    _write_interpolation(config, workdir, model_apply, params, diffusion, test_images, mesh)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'eval.json'), 'w') as f:
             json.dump(results, f, indent=2)
@@ -81,15 +82,17 @@ def evaluate(config, workdir):
     return results
 
 
-def _write_interpolation(config, workdir, model_apply, params, diffusion, test_images):
+def _write_interpolation(config, workdir, model_apply, params, diffusion, test_images, mesh):
     """interpolation.png (paper Fig. 8): rows are pairs of test images, columns λ = 0 .. 1."""
-    num_pairs = min(4, len(test_images) // 2)
+    num_pairs, num_lambdas = min(4, len(test_images) // 2), 8
     x0 = jax.numpy.asarray(test_images[:2 * num_pairs], jax.numpy.float32) / 127.5 - 1.0
     t = min(config.eval.interpolation_t, diffusion.num_timesteps - 1)
     decoded = sampling.interpolate(
         model_apply, params, diffusion, x0[0::2], x0[1::2],
         jax.random.fold_in(jax.random.key(config.seed), 0x1E7), t=t,
-        clip_denoised=config.sampling.clip_denoised, chunk_size=config.sampling.chunk_size)
+        num_lambdas=num_lambdas, clip_denoised=config.sampling.clip_denoised,
+        chunk_size=config.sampling.chunk_size,
+        sharding=parallel.data_sharded(mesh) if num_lambdas % mesh.devices.size == 0 else None)
     # Each row: source a, the decoded mixes, source b.
     rows = np.concatenate([images.to_uint8(x0[0::2])[:, None], images.to_uint8(decoded),
                            images.to_uint8(x0[1::2])[:, None]], axis=1)
@@ -101,21 +104,36 @@ def _write_interpolation(config, workdir, model_apply, params, diffusion, test_i
 
 
 def _sample_quality(config, workdir):
-    """FD-MNIST5k / KID / classifier IS of the workdir's samples.npz (MNIST-5k runs only).
+    """Metrics of the workdir's samples.npz: FD-MNIST5k / KID / classifier IS for MNIST-5k runs,
+    Inception FID / IS when `eval.inception_weights` (and `eval.fid_reference`) are set.
 
-    Never called FID: the features are those of the small classifier shipped in the package.
+    FD-MNIST5k is never called FID: its features are those of the small classifier shipped in
+    the package.
     """
     samples_path = os.path.join(workdir, 'samples.npz')
-    if config.data.name != 'mnist5k' or not os.path.exists(samples_path):
-        logging.info('No sample-quality metrics: they need an mnist5k run with samples.npz '
-                     '(write it with --mode=sample)')
+    wanted = config.data.name == 'mnist5k' or config.eval.inception_weights
+    if not wanted or not os.path.exists(samples_path):
+        logging.info('No sample-quality metrics: they need samples.npz (write it with '
+                     '--mode=sample) and an mnist5k run or --config.eval.inception_weights')
         return {}
     with np.load(samples_path, allow_pickle=False) as f:
         samples = f['images']
-    metrics = feature_metrics.mnist5k_metrics(samples)
-    logging.info('FD-MNIST5k %.3f, KID %.3g ± %.3g, classifier IS %.3f (%d samples)',
-                 metrics['fd_mnist5k'], metrics['kid_mean'], metrics['kid_std'],
-                 metrics['classifier_is'], metrics['num_samples'])
+    metrics = {}
+    if config.data.name == 'mnist5k':
+        metrics.update(feature_metrics.mnist5k_metrics(samples))
+        logging.info('FD-MNIST5k %.3f, KID %.3g ± %.3g, classifier IS %.3f (%d samples)',
+                     metrics['fd_mnist5k'], metrics['kid_mean'], metrics['kid_std'],
+                     metrics['classifier_is'], metrics['num_samples'])
+    if config.eval.inception_weights:
+        inception = fid.inception_metrics(samples, config.eval.inception_weights,
+                                          config.eval.fid_reference,
+                                          batch_size=config.eval.inception_batch_size,
+                                          splits=config.eval.inception_splits)
+        logging.info('Inception FID %s, IS %.3f ± %.3f (%d samples)',
+                     f'{inception["fid"]:.3f}' if 'fid' in inception else '(no reference)',
+                     inception['inception_score'], inception['inception_score_std'],
+                     inception['num_samples'])
+        metrics.update(inception)
     return metrics
 
 

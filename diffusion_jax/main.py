@@ -5,24 +5,18 @@
         --config.training.batch_size=32
 """
 
-import importlib.util
-import logging as py_logging
 import os
-import sys
 
 import jax
 from absl import app
 from absl import flags
 from absl import logging
-import ml_collections
-from ml_collections import config_flags
 
+from diffusion_jax import config_cli
 from diffusion_jax import evaluate
 from diffusion_jax import train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Checkpoints, event files and samples go here.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'],
                   'train: train (resuming if possible), then sample; sample: samples from the '
                   "workdir's EMA weights; eval: test bits/dim and rate-distortion.")
@@ -31,7 +25,6 @@ flags.DEFINE_integer(
     'XLA CPU devices (used only when running on the CPU): -1 picks one per core, reduced to a '
     'divisor of the batch sizes; 0 leaves the XLA default (one multi-threaded device).')
 flags.DEFINE_bool('cpu_fast_math', True, 'XLA CPU fast math (NaN and Inf are still honoured).')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def configure_cpu_backend(config, cpu_devices, fast_math):
@@ -62,12 +55,7 @@ def configure_cpu_backend(config, cpu_devices, fast_math):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    # absl logs at WARNING by default; the run's progress is logged at INFO.
-    logging.set_verbosity(logging.INFO)
-    py_logging.getLogger('absl').setLevel(py_logging.INFO)
-    # Orbax logs every file it writes at INFO through absl; keep the run's own log readable.
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname)
+    config_cli.setup_logging()
     configure_cpu_backend(FLAGS.config, FLAGS.cpu_devices, FLAGS.cpu_fast_math)
     logging.info('JAX process %d of %d, local devices %s', jax.process_index(),
                  jax.process_count(), jax.local_devices())
@@ -79,61 +67,5 @@ def main(argv):
         evaluate.evaluate(FLAGS.config, FLAGS.workdir)
 
 
-def _config_path(argv):
-    for i, arg in enumerate(argv):
-        if arg.startswith('--config='):
-            return arg.split('=', 1)[1]
-        if arg == '--config' and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-def _unknown_override(argv):
-    """The first `--config.a.b=v` whose key the config file does not define, or None."""
-    path = _config_path(argv)
-    if path is None:
-        return None
-    file_path, _, arg = path.partition(':')
-    spec = importlib.util.spec_from_file_location('_config_for_check', file_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
-    for override in argv:
-        if not override.startswith('--config.'):
-            continue
-        key = override[len('--config.'):].split('=', 1)[0]
-        node = config
-        for i, part in enumerate(key.split('.')):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                parent = '.'.join(key.split('.')[:i]) or 'config'
-                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                return f'unknown config key {key!r} in {override}; {parent} has: {valid}'
-            node = node[part]
-    return None
-
-
-def parse_flags(argv):
-    """absl flag parsing, with a clear message (not a traceback) for an unknown config key."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:  # e.g. a value of the wrong type for its key
-        sys.exit(f'FATAL Flags parsing error: {e}')
-    except (AttributeError, KeyError):
-        message = _unknown_override(argv)
-        if message is None:
-            raise
-        sys.exit(f'FATAL Flags parsing error: {message}')
-
-
-def _make_configs_importable(argv):
-    """Config files import their parent (`from configs import default`): put the folder that
-    holds `configs/` on sys.path, so the command works from any working directory."""
-    path = _config_path(argv)
-    if path:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-            path.split(':', 1)[0]))))
-
-
 if __name__ == '__main__':
-    _make_configs_importable(sys.argv)
-    app.run(main, flags_parser=parse_flags)
+    config_cli.run(main)

@@ -311,3 +311,34 @@ def test_tf_style_pooling():
     pooled = np.asarray(inc._max_pool_valid(x))
     assert pooled.shape == (2, 2, 2, 3)
     np.testing.assert_array_equal(pooled[:, 1, 1], x[:, 2:5, 2:5].max(axis=(1, 2)))
+
+
+def test_eval_mode_inception_metrics_of_samples(fast_compile, random_weights, tmp_path):
+    """--mode=eval's sample-quality step with Inception weights and reference statistics set:
+    one-channel samples are repeated to RGB, FID and IS match the float64 references."""
+    from configs import tiny
+    from diffusion_jax import evaluate
+    variables, _, weights_path = random_weights
+    rng = np.random.default_rng(7)
+    samples = rng.integers(0, 256, size=(6, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / 'samples.npz', images=samples)
+    mu_ref, sigma_ref = rng.normal(size=2048), _random_spd(rng, 2048, rank=64)
+    fid.save_statistics(tmp_path / 'ref.npz', mu_ref, sigma_ref)
+    config = tiny.get_config()
+    config.eval.inception_weights = str(weights_path)
+    config.eval.fid_reference = str(tmp_path / 'ref.npz')
+    config.eval.inception_batch_size = 4  # Two batches, the second padded.
+    config.eval.inception_splits = 1
+    metrics = evaluate._sample_quality(config, str(tmp_path))
+
+    out = jax.jit(inc.InceptionV3().apply)(variables, np.repeat(samples, 3, axis=-1))
+    pool3 = np.asarray(out['pool3'], np.float64)
+    probs = scipy.special.softmax(np.asarray(out['logits_unbiased'], np.float64), axis=1)
+    expected_fd = _reference_fd(pool3.mean(0), np.cov(pool3, rowvar=False), mu_ref, sigma_ref)
+    np.testing.assert_allclose(metrics['fid'], expected_fd, rtol=1e-4)
+    p_y = probs.mean(axis=0)
+    expected_is = np.exp(np.mean(np.sum(probs * (np.log(probs) - np.log(p_y)), axis=1)))
+    assert metrics['num_samples'] == 6
+    assert metrics['inception_score'] == pytest.approx(expected_is, rel=1e-4)
+    with pytest.raises(ValueError, match='uint8'):
+        fid.inception_metrics(samples[..., 0], weights_path)

@@ -71,25 +71,28 @@ def inception_score(probs, splits=10):
 def compute_activations(images, apply_fn, batch_size=250, key='pool3', progress=True):
     """Runs `apply_fn` (batch of images -> array or dict of arrays, e.g. an Inception
     `build_apply_fn`) over `images` [N, H, W, C] in batches; returns float64 [N, ...] of
-    output `key` (when the output is a dict). The last batch is padded to `batch_size` so a
-    jitted `apply_fn` compiles once."""
+    output `key` (when the output is a dict), or a dict of them when `key` is a tuple. The last
+    batch is padded to `batch_size` so a jitted `apply_fn` compiles once."""
     n = len(images)
     if n == 0:
         raise ValueError('no images')
+    keys = key if isinstance(key, tuple) else (key,)
     batch_size = max(1, min(int(batch_size), n))
-    chunks = []
+    chunks = {k: [] for k in keys}
     starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc=f'inception {key}', unit='batch', disable=not progress):
+    for start in tqdm(starts, desc=f'inception {"+".join(keys)}', unit='batch',
+                      disable=not progress):
         batch = np.asarray(images[start:start + batch_size])
         real = batch.shape[0]
         if real < batch_size:
             pad = np.repeat(batch[-1:], batch_size - real, axis=0)
             batch = np.concatenate([batch, pad], axis=0)
         out = apply_fn(batch)
-        if isinstance(out, dict):
-            out = out[key]
-        chunks.append(np.asarray(out, np.float64)[:real])
-    return np.concatenate(chunks, axis=0)
+        for k in keys:
+            chunks[k].append(np.asarray(out[k] if isinstance(out, dict) else out,
+                                        np.float64)[:real])
+    result = {k: np.concatenate(v, axis=0) for k, v in chunks.items()}
+    return result if isinstance(key, tuple) else result[key]
 
 
 def compute_statistics(images, apply_fn, batch_size=250, progress=True):
@@ -128,3 +131,40 @@ def load_reference(path):
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f'{path}: inconsistent shapes mu {mu.shape}, sigma {sigma.shape}')
     return mu, sigma
+
+
+def inception_metrics(images, weights_path, reference_path=None, *, batch_size=250, splits=10,
+                      progress=True):
+    """Inception FID (against `reference_path`, if given) and IS of uint8 images, in one pass.
+
+    Args:
+      images: uint8 [N, H, W, C]; one-channel images are repeated to RGB, as is usual for MNIST.
+      weights_path: FID Inception weights (.npz; scripts/convert_inception_weights.py).
+      reference_path: optional .npz of reference statistics (`mu`, `sigma`).
+      batch_size: images per Inception call.
+      splits: IS splits (at most N).
+
+    Returns:
+      dict(inception_score, inception_score_std, num_samples[, fid]).
+    """
+    from diffusion_jax.evaluation import inception
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f'images must be uint8 [N, H, W, 1 or 3], got shape {images.shape}')
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    apply_fn = inception.build_apply_fn(inception.load_params(weights_path))
+    acts = compute_activations(images, apply_fn, batch_size, key=('pool3', 'logits_unbiased'),
+                               progress=progress)
+    is_mean, is_std = inception_score(scipy.special.softmax(acts['logits_unbiased'], axis=1),
+                                      splits=min(splits, len(images)))
+    results = dict(inception_score=is_mean, inception_score_std=is_std,
+                   num_samples=len(images))
+    if reference_path:
+        if len(images) < 2:
+            raise ValueError('FID needs at least 2 images for a covariance')
+        mu_ref, sigma_ref = load_reference(reference_path)
+        feats = acts['pool3']
+        results['fid'] = frechet_distance(feats.mean(axis=0), np.cov(feats, rowvar=False),
+                                          mu_ref, sigma_ref)
+    return results

@@ -7,7 +7,7 @@ from diffusion_jax.sampling.ancestral import reverse_chain
 
 
 def interpolate(model_apply, params, diffusion, x0_a, x0_b, rng, *, t, num_lambdas=8,
-                clip_denoised=True, chunk_size=None):
+                clip_denoised=True, chunk_size=None, sharding=None):
     """Encodes two images to x_t with the same noise, mixes them, decodes by the reverse chain.
 
     x_t^a, x_t^b ~ q(x_t | x_0) share one noise draw; x̄_t = (1 - λ) x_t^a + λ x_t^b for λ evenly
@@ -21,6 +21,8 @@ def interpolate(model_apply, params, diffusion, x0_a, x0_b, rng, *, t, num_lambd
       t: int, the encoding time (code index; the paper shows t = 500 of 1000).
       num_lambdas: number of mixing weights, endpoints included.
       clip_denoised, chunk_size: as in `ancestral_sample`.
+      sharding: optional sharding of the [num_lambdas, N, H, W, C] latents (all λ are decoded
+        as one batch).
 
     Returns:
       [N, num_lambdas, H, W, C] decoded images.
@@ -33,9 +35,13 @@ def interpolate(model_apply, params, diffusion, x0_a, x0_b, rng, *, t, num_lambd
     t_vec = jnp.full((x0_a.shape[0],), t, dtype=jnp.int32)
     x_t_a = diffusion.q_sample(x0_a, t_vec, noise)
     x_t_b = diffusion.q_sample(x0_b, t_vec, noise)
-    decoded = []
-    for lam in jnp.linspace(0.0, 1.0, num_lambdas):
-        x0, _ = reverse_chain(model_apply, params, diffusion, (1 - lam) * x_t_a + lam * x_t_b,
-                              rng, t_start=t, clip_denoised=clip_denoised, chunk_size=chunk_size)
-        decoded.append(x0)
-    return jnp.stack(decoded, axis=1)
+    lams = jnp.linspace(0.0, 1.0, num_lambdas)[:, None, None, None, None]
+    mixed = (1 - lams) * x_t_a + lams * x_t_b  # [num_lambdas, N, H, W, C]
+    if sharding is not None:
+        mixed = jax.device_put(mixed, sharding)
+
+    def decode(x_t):  # vmap over λ: the reverse noise, drawn from rng alone, is shared by all λ.
+        return reverse_chain(model_apply, params, diffusion, x_t, rng, t_start=t,
+                             clip_denoised=clip_denoised, chunk_size=chunk_size)[0]
+
+    return jnp.swapaxes(jax.vmap(decode)(mixed), 0, 1)

@@ -1,0 +1,90 @@
+"""What every command-line entry point shares: the --config/--workdir flags and their parsing.
+
+`--config` is an ml_collections config file with `--config.a.b=value` overrides; an unknown key or
+a value of the wrong type ends the program with a message naming it, not a traceback.
+"""
+
+import importlib.util
+import logging as py_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Checkpoints, event files and samples go here.')
+
+
+def run(main):
+    """`app.run(main)` with the config helpers: call it under `if __name__ == '__main__'`."""
+    flags.mark_flags_as_required(['config', 'workdir'])
+    _make_configs_importable(sys.argv)
+    app.run(main, flags_parser=parse_flags)
+
+
+def setup_logging():
+    """INFO logging through absl, without orbax's line per file written."""
+    logging.set_verbosity(logging.INFO)
+    py_logging.getLogger('absl').setLevel(py_logging.INFO)
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname)
+
+
+def _config_path(argv):
+    for i, arg in enumerate(argv):
+        if arg.startswith('--config='):
+            return arg.split('=', 1)[1]
+        if arg == '--config' and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_override(argv):
+    """The first `--config.a.b=v` whose key the config file does not define, or None."""
+    path = _config_path(argv)
+    if path is None:
+        return None
+    file_path, _, arg = path.partition(':')
+    spec = importlib.util.spec_from_file_location('_config_for_check', file_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for override in argv:
+        if not override.startswith('--config.'):
+            continue
+        key = override[len('--config.'):].split('=', 1)[0]
+        node = config
+        for i, part in enumerate(key.split('.')):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                parent = '.'.join(key.split('.')[:i]) or 'config'
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                return f'unknown config key {key!r} in {override}; {parent} has: {valid}'
+            node = node[part]
+    return None
+
+
+def parse_flags(argv):
+    """absl flag parsing, with a clear message (not a traceback) for an unknown config key."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:  # e.g. a value of the wrong type for its key
+        sys.exit(f'FATAL Flags parsing error: {e}')
+    except (AttributeError, KeyError):
+        message = _unknown_override(argv)
+        if message is None:
+            raise
+        sys.exit(f'FATAL Flags parsing error: {message}')
+
+
+def _make_configs_importable(argv):
+    """Config files import their parent (`from configs import default`): put the folder that
+    holds `configs/` on sys.path, so the command works from any working directory."""
+    path = _config_path(argv)
+    if path:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+            path.split(':', 1)[0]))))
