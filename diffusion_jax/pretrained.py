@@ -131,6 +131,29 @@ def unet_kwargs(unet_config):
         image_size=size, channels=in_ch)
 
 
+def diffusers_unet_config(model_config, image_size, channels):
+    """The UNet2DModel config.json dict of our U-Net (the inverse of `unet_kwargs`).
+
+    Args:
+      model_config: our `UNet` fields (a config's `model` block).
+      image_size, channels: the data's.
+    """
+    ch, ch_mult = model_config['ch'], tuple(model_config['ch_mult'])
+    attn_levels = [image_size // 2 ** i in tuple(model_config['attn_resolutions'])
+                   for i in range(len(ch_mult))]
+    if not model_config.get('resamp_with_conv', True):
+        raise ConversionError('UNet2DModel always resamples with convolutions')
+    return dict(
+        _REQUIRED, sample_size=image_size, in_channels=channels,
+        out_channels=model_config['out_ch'], block_out_channels=tuple(ch * m for m in ch_mult),
+        layers_per_block=model_config['num_res_blocks'],
+        norm_num_groups=model_config['num_groups'], attention_head_dim=None,
+        dropout=model_config.get('dropout', 0.0),
+        down_block_types=tuple('AttnDownBlock2D' if a else 'DownBlock2D' for a in attn_levels),
+        up_block_types=tuple('AttnUpBlock2D' if a else 'UpBlock2D'
+                             for a in reversed(attn_levels)))
+
+
 def diffusion_settings(scheduler_config):
     """Our `diffusion` config fields and `clip_denoised` from a DDPMScheduler config dict."""
     get = scheduler_config.get

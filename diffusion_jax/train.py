@@ -82,6 +82,8 @@ def init_params(model, config, rng):
 def init_or_restore_state(config, model, optimizer, mesh, manager):
     """The sharded train state and the pipeline position: restored if a checkpoint exists.
 
+    With `manager=None` the state is always freshly initialised.
+
     Returns:
       (state, shardings, data_state or None).
     """
@@ -93,7 +95,7 @@ def init_or_restore_state(config, model, optimizer, mesh, manager):
     shardings = parallel.state_shardings(abstract_state, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logging.info('U-Net with %s parameters', f'{num_params:,}')
-    restored = checkpointing.restore_latest(
+    restored = None if manager is None else checkpointing.restore_latest(
         manager, checkpointing.abstract_with_shardings(abstract_state, shardings))
     if restored is not None:
         state, data_state, _ = restored

@@ -230,6 +230,21 @@ def test_mismatched_or_corrupt_weights_are_named(tmp_path):
     assert pretrained.unet_kwargs(config)['model']['ch'] == 8
 
 
+@pytest.mark.parametrize('name,hub_config', [
+    ('cifar10', CIFAR10_32), ('lsun_church', CHURCH_256), ('tiny', TINY)])
+def test_our_configs_as_unet2dmodel_configs(name, hub_config):
+    import importlib
+    config = importlib.import_module(f'configs.{name}').get_config()
+    exported = pretrained.diffusers_unet_config(config.model, config.data.image_size,
+                                                config.data.channels)
+    for key, value in hub_config.items():
+        assert exported[key] == value, key
+    back = pretrained.unet_kwargs(exported)
+    for key, value in back['model'].items():
+        assert tuple(value) == tuple(config.model[key]) if isinstance(value, tuple) else (
+            value == config.model[key]), key
+
+
 def test_scheduler_settings_map_to_our_diffusion():
     settings = pretrained.diffusion_settings(dict(
         beta_schedule='scaled_linear', beta_start=1e-4, beta_end=0.02, num_train_timesteps=50,
