@@ -1,0 +1,231 @@
+"""Ours vs PyTorch + diffusers, in one process, alternating A/B/A/B after warm-up.
+
+    python -m benchmarks.run            # every case; writes docs/benchmarks.{json,md}
+    python -m benchmarks.run --quick    # fewer rounds, no memory children, nothing written
+    python -m benchmarks.run --cases=train_mnist_b32 --xla_flags=--xla_cpu_use_onednn=true
+
+Needs the `parity` extra (torch, diffusers). It refuses to report when other processes keep the
+machine busy (measured from /proc/stat before and during the run). Peak memory comes from one
+child process per case and side, so the two frameworks' peaks do not mix.
+"""
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name: (kind, config, batch or images, reverse steps, rounds, calls per measurement)
+CASES = {
+    'train_cifar10_b8': ('train', 'cifar10', 8, None, 5, 2),
+    'train_cifar10_b32': ('train', 'cifar10', 32, None, 5, 1),
+    'train_mnist_b32': ('train', 'mnist', 32, None, 5, 10),
+    'sample_mnist_16x1000': ('sample', 'mnist', 16, 1000, 3, 1),
+    'sample_cifar10_16x20': ('sample', 'cifar10', 16, 20, 3, 1),
+}
+# Seconds-long cases that check the harness itself (tests/test_benchmarks.py); never reported.
+SMOKE_CASES = {
+    'train_tiny_b16': ('train', 'tiny', 16, None, 2, 1),
+    'sample_tiny_16x20': ('sample', 'tiny', 16, 20, 2, 1),
+}
+# The paper's TPU v3-8 workloads (21 steps/s at batch 128; 256 samples in 17 s), for --ours_only
+# runs on a TPU VM (benchmarks/tpu_projection.md); far too slow for these CPUs.
+TPU_CASES = {
+    'train_cifar10_b128': ('train', 'cifar10', 128, None, 5, 20),
+    'sample_cifar10_256x1000': ('sample', 'cifar10', 256, 1000, 3, 1),
+}
+CASES.update(SMOKE_CASES)
+CASES.update(TPU_CASES)
+REPORTED = [c for c in CASES if c not in SMOKE_CASES and c not in TPU_CASES]
+BUSY_CORES = 0.3  # Other processes' average load above which results are not reported.
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'diffusers', 'numpy')
+
+
+def configure_backends(xla_flags, with_torch=True):
+    """On a CPU one single-threaded XLA device per core (as main.py runs); torch on every core.
+    On a TPU or GPU the CPU settings have no effect."""
+    from diffusion_jax import main as main_lib
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {xla_flags}'.strip()
+    cores = len(os.sched_getaffinity(0))
+    main_lib.configure_cpu_backend(None, cores, fast_math=True)
+    if with_torch:
+        import torch
+        torch.set_num_threads(cores)
+
+
+def load_config(name):
+    import importlib
+    return importlib.import_module(f'configs.{name}').get_config()
+
+
+def make_workload(case, side):
+    from benchmarks import workloads
+    kind, config_name, size, steps, _, _ = CASES[case]
+    config = load_config(config_name)
+    if kind == 'train':
+        cls = workloads.JaxTrain if side == 'ours' else workloads.TorchTrain
+        return cls(config, size)
+    cls = workloads.JaxSample if side == 'ours' else workloads.TorchSample
+    return cls(config, size, steps)
+
+
+def measure(case, rounds, monitor, sides):
+    """Alternating rounds of the sides; per side the throughput of every round."""
+    _, _, _, _, _, calls = CASES[case]
+    sides = {side: make_workload(case, side) for side in sides}
+    first_call = {side: w.prepare() for side, w in sides.items()}
+    rates = {side: [] for side in sides}
+    monitor.reset()
+    for _ in range(rounds):
+        for side, workload in sides.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                workload.run()
+            rates[side].append(workload.units * calls / (time.perf_counter() - start))
+    return rates, first_call, monitor.other_cores()
+
+
+def peak_memory(case, side, xla_flags):
+    """Peak RSS (MiB) of a child process that prepares and runs one side of a case."""
+    result = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.run', f'--child={case}:{side}',
+         f'--xla_flags={xla_flags}'], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])['peak_rss_mib']
+
+
+def summarize(case, rates, first_call, other_cores, gflop_per_unit, ceiling):
+    kind = CASES[case][0]
+    out = {'case': case, 'unit': 'images/s' if kind == 'train' else 'image-steps/s',
+           'other_cores': round(other_cores, 3)}
+    for side in rates:
+        median = statistics.median(rates[side])
+        out[side] = {'median': median, 'min': min(rates[side]), 'max': max(rates[side]),
+                     'first_call_s': first_call[side], 'gflops': median * gflop_per_unit,
+                     'fraction_of_matmul_ceiling': median * gflop_per_unit / ceiling}
+    out['ratio'] = out['ours']['median'] / out['peer']['median'] if 'peer' in out else None
+    return out
+
+
+def markdown_table(results):
+    lines = ['| case | unit | ours (median, range) | diffusers (median, range) | ours / diffusers '
+             '| first call ours / diffusers (s) | peak RSS ours / diffusers (MiB) '
+             '| FLOP/s vs matmul ceiling ours / diffusers |',
+             '|---|---|---|---|---|---|---|---|']
+    nan = {'median': float('nan'), 'min': float('nan'), 'max': float('nan'),
+           'first_call_s': float('nan'), 'fraction_of_matmul_ceiling': float('nan')}
+    for r in results['cases']:
+        o, p, ratio = r['ours'], r.get('peer', nan), r['ratio'] or float('nan')
+        memory = (f'{o["peak_rss_mib"]:.0f} / {p.get("peak_rss_mib", float("nan")):.0f}'
+                  if 'peak_rss_mib' in o else 'n/a')
+        lines.append(
+            f'| {r["case"]} | {r["unit"]} | {o["median"]:.1f} ({o["min"]:.1f}–{o["max"]:.1f}) '
+            f'| {p["median"]:.1f} ({p["min"]:.1f}–{p["max"]:.1f}) | **{ratio:.2f}×** '
+            f'| {o["first_call_s"]:.1f} / {p["first_call_s"]:.1f} | {memory} '
+            f'| {o["fraction_of_matmul_ceiling"]:.2f} / {p["fraction_of_matmul_ceiling"]:.2f} |')
+    return '\n'.join(lines)
+
+
+def write_docs(results, table):
+    docs = ROOT / 'docs'
+    docs.mkdir(exist_ok=True)
+    (docs / 'benchmarks.json').write_text(json.dumps(results, indent=2) + '\n')
+    page = docs / 'benchmarks.md'
+    start, end = '<!-- results:start -->', '<!-- results:end -->'
+    text = page.read_text() if page.exists() else f'# Benchmarks\n\n{start}\n{end}\n'
+    header = (f'Run {results["date"]} on {results["machine"]}; '
+              f'{", ".join(f"{k} {v}" for k, v in results["versions"].items())}. '
+              f'fp32 matmul ceiling {results["matmul_ceiling_gflops"]:.0f} GFLOP/s '
+              f'(best of {results["matmul_gflops"]}). Other processes: '
+              f'{results["other_cores_max"]:.2f} cores at most. XLA flags: '
+              f'`{results["xla_flags"]}`.')
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    page.write_text(f'{before}{start}\n{header}\n\n{table}\n{end}{after}')
+
+
+def child_main(spec, xla_flags):
+    case, side = spec.split(':')
+    configure_backends(xla_flags)
+    from benchmarks import machine
+    workload = make_workload(case, side)
+    workload.prepare()
+    workload.run()
+    print(json.dumps({'peak_rss_mib': machine.peak_rss_mib()}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--cases', default=','.join(REPORTED), help='comma-separated case names')
+    parser.add_argument('--quick', action='store_true',
+                        help='2 rounds, no memory children, nothing written to docs/')
+    parser.add_argument('--force', action='store_true', help='report even on a busy machine')
+    parser.add_argument('--xla_flags', default='', help='extra XLA_FLAGS for our side')
+    parser.add_argument('--ours_only', action='store_true',
+                        help='no peer (e.g. on a TPU VM without torch); nothing written to docs/')
+    parser.add_argument('--json', help='also write the results here')
+    parser.add_argument('--child', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_main(args.child, args.xla_flags)
+    cases = args.cases.split(',')
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        sys.exit(f'unknown case(s) {unknown}; known: {sorted(CASES)}')
+    from benchmarks import machine
+    idle = machine.idle_load()
+    if idle > BUSY_CORES and not args.force:
+        sys.exit(f'refusing to benchmark: other processes use {idle:.2f} cores '
+                 f'(limit {BUSY_CORES}); rerun on an idle machine or pass --force')
+    configure_backends(args.xla_flags, with_torch=not args.ours_only)
+    from benchmarks import workloads
+    sides = ('ours',) if args.ours_only else ('ours', 'peer')
+    ceilings = machine.matmul_ceilings(with_torch=not args.ours_only)
+    ceiling = max(ceilings.values())
+    print(f'fp32 matmul GFLOP/s: {ceilings}; other load before the run {idle:.2f} cores',
+          flush=True)
+    monitor = machine.LoadMonitor()
+    results = {
+        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        'machine': machine.cpu_description(), 'python': platform.python_version(),
+        'versions': {p: importlib.metadata.version(p) for p in PACKAGES},
+        'xla_flags': os.environ.get('XLA_FLAGS', ''), 'matmul_gflops': ceilings,
+        'matmul_ceiling_gflops': ceiling, 'other_cores_before': idle, 'cases': []}
+    for case in cases:
+        kind, config_name = CASES[case][:2]
+        gflop = workloads.forward_gflops(load_config(config_name)) * (3 if kind == 'train' else 1)
+        rounds = 2 if args.quick else CASES[case][4]
+        rates, first_call, other = measure(case, rounds, monitor, sides)
+        summary = summarize(case, rates, first_call, other, gflop, ceiling)
+        summary['gflop_per_unit'] = gflop
+        results['cases'].append(summary)
+        print(json.dumps(summary), flush=True)
+        gc.collect()
+    if not args.quick:
+        for summary in results['cases']:
+            for side in sides:
+                summary[side]['peak_rss_mib'] = peak_memory(summary['case'], side,
+                                                            args.xla_flags)
+    results['other_cores_max'] = max(r['other_cores'] for r in results['cases'])
+    table = markdown_table(results)
+    print(table)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + '\n')
+    if results['other_cores_max'] > BUSY_CORES and not args.force:
+        sys.exit(f'not reporting: other processes used up to {results["other_cores_max"]:.2f} '
+                 'cores during the run')
+    if not args.quick and not args.ours_only and set(cases) == set(REPORTED):
+        write_docs(results, table)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,31 @@
+"""The benchmark harness runs both sides and reports what it promises (no timing asserted)."""
+
+import json
+
+import pytest
+
+from conftest import run_python
+
+pytest.importorskip('torch')
+pytest.importorskip('diffusers')
+
+
+def test_quick_benchmark_of_the_smoke_cases(tmp_path):
+    out = tmp_path / 'results.json'
+    result = run_python(['-m', 'benchmarks.run', '--quick', '--force',
+                         '--cases=train_tiny_b16,sample_tiny_16x20', f'--json={out}'])
+    results = json.loads(out.read_text())
+    assert [c['case'] for c in results['cases']] == ['train_tiny_b16', 'sample_tiny_16x20']
+    for case in results['cases']:
+        for side in ('ours', 'peer'):
+            assert case[side]['min'] <= case[side]['median'] <= case[side]['max']
+            assert case[side]['median'] > 0 and case[side]['first_call_s'] > 0
+            assert 0 < case[side]['fraction_of_matmul_ceiling'] < 10
+        assert case['ratio'] == pytest.approx(case['ours']['median'] / case['peer']['median'])
+    assert set(results['matmul_gflops']) == {'torch', 'numpy', 'jax'}
+    assert '| train_tiny_b16 | images/s |' in result.stdout
+
+
+def test_unknown_case_is_named():
+    result = run_python(['-m', 'benchmarks.run', '--cases=nope'], check=False)
+    assert result.returncode != 0 and "unknown case(s) ['nope']" in result.stderr
