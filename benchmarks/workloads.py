@@ -109,11 +109,8 @@ def _torch_unet(config, train_mode):
 
 def _torch_scheduler(config):
     import diffusers
-    d = config.diffusion
-    return diffusers.DDPMScheduler(
-        num_train_timesteps=d.num_timesteps, beta_schedule='linear', beta_start=d.beta_start,
-        beta_end=d.beta_end, clip_sample=config.sampling.clip_denoised,
-        variance_type={'fixedlarge': 'fixed_large', 'fixedsmall': 'fixed_small'}[d.var_type])
+    return diffusers.DDPMScheduler(**pretrained.diffusers_scheduler_config(
+        config.diffusion, config.sampling.clip_denoised))
 
 
 class TorchTrain:

@@ -182,6 +182,24 @@ def diffusion_settings(scheduler_config):
         clip_denoised=bool(get('clip_sample', True)))
 
 
+def diffusers_scheduler_config(diffusion_config, clip_denoised):
+    """The DDPMScheduler config dict of our diffusion settings (the inverse of
+    `diffusion_settings`)."""
+    def inverse(table, value, key):
+        matches = [k for k, v in table.items() if v == value]
+        if not matches:
+            raise ConversionError(f'{key}={value!r} has no DDPMScheduler equivalent')
+        return matches[0]
+
+    d = diffusion_config
+    return dict(num_train_timesteps=d['num_timesteps'], beta_start=d['beta_start'],
+                beta_end=d['beta_end'],
+                beta_schedule=inverse(_BETA_SCHEDULES, d['beta_schedule'], 'beta_schedule'),
+                variance_type=inverse(_VARIANCE_TYPES, d['var_type'], 'var_type'),
+                prediction_type=inverse(_PREDICTION_TYPES, d['mean_type'], 'mean_type'),
+                clip_sample=bool(clip_denoised))
+
+
 def find_scheduler_config(path):
     """scheduler_config.json next to the model, in `path/scheduler/`, or None."""
     model_dir = find_model_dir(path)

@@ -252,6 +252,15 @@ def test_scheduler_settings_map_to_our_diffusion():
     assert settings == dict(diffusion=dict(
         beta_schedule='quad', beta_start=1e-4, beta_end=0.02, num_timesteps=50,
         var_type='fixedlarge', mean_type='x0'), clip_denoised=False)
+    for clip in (True, False):  # Our settings -> DDPMScheduler config -> our settings.
+        config = tiny_config.get_config()
+        back = pretrained.diffusion_settings(pretrained.diffusers_scheduler_config(
+            config.diffusion, clip))
+        assert back['clip_denoised'] == clip
+        for key, value in back['diffusion'].items():
+            assert value == config.diffusion[key], key
+    with pytest.raises(pretrained.ConversionError, match="mean_type='xprev'"):
+        pretrained.diffusers_scheduler_config(dict(config.diffusion, mean_type='xprev'), True)
     with pytest.raises(pretrained.ConversionError, match="prediction_type='v_prediction'"):
         pretrained.diffusion_settings(dict(prediction_type='v_prediction'))
 
