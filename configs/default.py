@@ -34,6 +34,8 @@ def get_config():
     model.resamp_with_conv = True  # Strided-conv downsampling and conv after nearest upsampling.
     model.num_groups = 32  # GroupNorm groups.
     model.dtype = 'float32'  # Compute dtype (parameters stay float32).
+    # Gradient of the 3x3 convs: auto (matmul on the CPU, where XLA's is slow) | xla | matmul.
+    model.conv_backward = 'auto'
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.beta_schedule = 'linear'  # linear|cosine|quad|const|jsd|warmup10|warmup50.

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import conv
+
 # tf.contrib.layers.group_norm's default epsilon, which the original relies on.
 GROUP_NORM_EPSILON = 1e-6
 
@@ -28,12 +30,16 @@ def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, 'fan_avg', 'uniform')
 
 
-def conv3x3(features: int, *, name: str, dtype: Any, scale: float = 1.0,
-            stride: int = 1) -> nn.Conv:
-    """3x3 convolution with TF 'SAME' padding (for stride 2 on even sizes: pad (0, 1))."""
+def conv3x3(features: int, *, name: str, dtype: Any, scale: float = 1.0, stride: int = 1,
+            conv_backward: str = 'xla') -> nn.Conv:
+    """3x3 convolution with TF 'SAME' padding (for stride 2 on even sizes: pad (0, 1)).
+
+    `conv_backward` picks how stride-1 convolutions are differentiated (see models/conv.py).
+    """
     return nn.Conv(features, (3, 3), strides=(stride, stride), padding='SAME',
                    kernel_init=default_init(scale), bias_init=nn.initializers.zeros,
-                   dtype=dtype, name=name)
+                   dtype=dtype, name=name,
+                   conv_general_dilated=conv.conv_general_dilated(conv_backward))
 
 
 def nin(features: int, *, name: str, dtype: Any, scale: float = 1.0) -> nn.Dense:
@@ -80,11 +86,13 @@ class ResnetBlock(nn.Module):
       dropout: dropout rate before the second conv.
       num_groups: GroupNorm groups.
       dtype: compute dtype.
+      conv_backward: gradient of the 3x3 convolutions (models/conv.py).
     """
     out_ch: int
     dropout: float
     num_groups: int = 32
     dtype: Any = jnp.float32
+    conv_backward: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
@@ -99,12 +107,14 @@ class ResnetBlock(nn.Module):
           [B, H, W, out_ch] features.
         """
         h = nn.swish(group_norm(self.num_groups, name='norm1')(x))
-        h = conv3x3(self.out_ch, name='conv1', dtype=self.dtype)(h)
+        h = conv3x3(self.out_ch, name='conv1', dtype=self.dtype,
+                    conv_backward=self.conv_backward)(h)
         h = h + nin(self.out_ch, name='temb_proj', dtype=self.dtype)(nn.swish(temb))[:, None, None]
         h = nn.swish(group_norm(self.num_groups, name='norm2')(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         # Near-zero init (init_scale=0 in the original): each block starts as its shortcut path.
-        h = conv3x3(self.out_ch, name='conv2', dtype=self.dtype, scale=0.0)(h)
+        h = conv3x3(self.out_ch, name='conv2', dtype=self.dtype, scale=0.0,
+                    conv_backward=self.conv_backward)(h)
         if x.shape[-1] != self.out_ch:
             x = nin(self.out_ch, name='nin_shortcut', dtype=self.dtype)(x)
         return x + h
@@ -172,9 +182,11 @@ class Upsample(nn.Module):
     Attributes:
       with_conv: follow the resize by a conv (resamp_with_conv in the original).
       dtype: compute dtype.
+      conv_backward: gradient of the 3x3 convolution (models/conv.py).
     """
     with_conv: bool = True
     dtype: Any = jnp.float32
+    conv_backward: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -189,5 +201,6 @@ class Upsample(nn.Module):
         # At an exact 2x factor TF's align_corners nearest resize is plain pixel repetition.
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.with_conv:
-            x = conv3x3(x.shape[-1], name='conv', dtype=self.dtype)(x)
+            x = conv3x3(x.shape[-1], name='conv', dtype=self.dtype,
+                        conv_backward=self.conv_backward)(x)
         return x

@@ -27,6 +27,8 @@ class UNet(nn.Module):
       resamp_with_conv: convolutions in Downsample/Upsample (else avg-pool / plain resize).
       num_groups: GroupNorm groups.
       dtype: compute dtype; parameters stay float32 and the output is float32.
+      conv_backward: how the 3x3 convolutions are differentiated: 'xla', 'matmul' (faster on
+        the CPU, same gradient; models/conv.py) or 'auto' (matmul on the CPU, else xla).
     """
     ch: int = 128
     out_ch: int = 3
@@ -37,6 +39,7 @@ class UNet(nn.Module):
     resamp_with_conv: bool = True
     num_groups: int = 32
     dtype: Any = jnp.float32
+    conv_backward: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
@@ -58,10 +61,11 @@ class UNet(nn.Module):
         if x.shape[1] % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f'image size {x.shape[1]} cannot be halved {len(self.ch_mult) - 1} '
                              f'times evenly, as ch_mult={self.ch_mult} needs')
-        dtype, groups = self.dtype, self.num_groups
+        dtype, groups, conv_backward = self.dtype, self.num_groups, self.conv_backward
 
         def resnet(mult, name):
-            return layers.ResnetBlock(self.ch * mult, self.dropout, groups, dtype, name=name)
+            return layers.ResnetBlock(self.ch * mult, self.dropout, groups, dtype, conv_backward,
+                                      name=name)
 
         def maybe_attn(h, name):
             if h.shape[1] not in self.attn_resolutions:
@@ -73,7 +77,8 @@ class UNet(nn.Module):
         temb = layers.nin(self.ch * 4, name='temb_dense1', dtype=dtype)(nn.swish(temb))
 
         # Downsampling; every intermediate output is kept as a skip connection.
-        hs = [layers.conv3x3(self.ch, name='conv_in', dtype=dtype)(x.astype(dtype))]
+        hs = [layers.conv3x3(self.ch, name='conv_in', dtype=dtype,
+                             conv_backward=conv_backward)(x.astype(dtype))]
         for i, mult in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
                 h = resnet(mult, f'down_{i}_block_{j}')(hs[-1], temb, train)
@@ -93,9 +98,11 @@ class UNet(nn.Module):
                 h = maybe_attn(resnet(self.ch_mult[i], f'up_{i}_block_{j}')(h, temb, train),
                                f'up_{i}_attn_{j}')
             if i != 0:
-                h = layers.Upsample(self.resamp_with_conv, dtype, name=f'up_{i}_upsample')(h)
+                h = layers.Upsample(self.resamp_with_conv, dtype, conv_backward,
+                                   name=f'up_{i}_upsample')(h)
         assert not hs, 'every skip connection is consumed'
 
         h = nn.swish(layers.group_norm(groups, name='norm_out')(h))
-        h = layers.conv3x3(self.out_ch, name='conv_out', dtype=dtype, scale=0.0)(h)
+        h = layers.conv3x3(self.out_ch, name='conv_out', dtype=dtype, scale=0.0,
+                              conv_backward=conv_backward)(h)
         return h.astype(jnp.float32)
