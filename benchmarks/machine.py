@@ -53,8 +53,19 @@ def idle_load(seconds=3.0):
 
 
 def peak_rss_mib():
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux's VmHWM, not ru_maxrss: the kernel carries ru_maxrss across exec, so a child started by
+    a large process would report its parent's peak (every case measured 10725 MiB that way).
+    """
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB elsewhere
 
 
 def cpu_description():

@@ -34,7 +34,8 @@ def get_config():
     model.resamp_with_conv = True  # Strided-conv downsampling and conv after nearest upsampling.
     model.num_groups = 32  # GroupNorm groups.
     model.dtype = 'float32'  # Compute dtype (parameters stay float32).
-    # Gradient of the 3x3 convs: auto (matmul on the CPU, where XLA's is slow) | xla | matmul.
+    # Gradient of the 3x3 convs: xla | matmul (faster on the CPU for >= 64 channels) | auto (matmul
+    # on the CPU for layers with >= 64 channels, else xla).
     model.conv_backward = 'auto'
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -73,6 +74,10 @@ def get_config():
     sampling.batch_size = 256  # Images per sampler call.
     sampling.clip_denoised = True  # Clip x̂_0 to [-1, 1] in every reverse step.
     sampling.chunk_size = 100  # Reverse steps per jitted call: progress bar and x̂_0 snapshots.
+    sampling.sampler = 'ancestral'  # ancestral (Algorithm 2, all T steps) | ddim.
+    sampling.num_steps = 50  # ddim: network evaluations (chunks scale to chunk_size / T of them).
+    sampling.eta = 0.0  # ddim: 0 deterministic .. 1 (with all T steps: ancestral, fixedsmall).
+    sampling.timestep_spacing = 'leading'  # ddim: leading | trailing | section counts '10,10,10'.
 
     config.eval = evaluation = ml_collections.ConfigDict()  # --mode=eval
     evaluation.num_images = 256  # Test images in the bits/dim bound (T forward passes each).

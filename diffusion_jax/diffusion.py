@@ -2,7 +2,7 @@
 
 Notation follows the paper, with time 0-indexed: code index t = 0 is the paper's t = 1. Images are
 NHWC in [-1, 1]; `t` is an int32 vector of shape [B]. Equation numbers refer to Ho et al. (2020);
-"IDDPM" to Nichol & Dhariwal (2021).
+"IDDPM" to Nichol & Dhariwal (2021), "dual" to Benny & Wolf (2022).
 """
 
 import math
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MEAN_TYPES = ('eps', 'x0', 'xprev')
+MEAN_TYPES = ('eps', 'x0', 'xprev', 'dual')
 VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
 LOSS_TYPES = ('mse', 'kl', 'hybrid')
 
@@ -92,7 +92,8 @@ class Diffusion:
 
         Args:
           betas: 1-D array of the T betas (see `schedules.get_beta_schedule`).
-          mean_type: what the network predicts: 'eps' (ε, the paper's choice), 'x0', 'xprev'.
+          mean_type: what the network predicts: 'eps' (ε, the paper's choice), 'x0', 'xprev', or
+            'dual' (ε, x_0 and a per-pixel logit of the weight r that mixes the two x̂_0).
           var_type: 'fixedlarge' (β_t), 'fixedsmall' (β̃_t), 'learned' (log-variance output) or
             'learned_range' (IDDPM's interpolation between log β̃_t and log β_t).
           loss_type: 'mse' (L_simple), 'kl' (the true bound) or 'hybrid' (IDDPM).
@@ -145,6 +146,12 @@ class Diffusion:
     def learned_variance(self):
         return self.var_type in ('learned', 'learned_range')
 
+    @property
+    def output_groups(self):
+        """Model output channels per image channel: 3 for dual (ε, x_0, logit), plus 1 for a
+        learned variance."""
+        return (3 if self.mean_type == 'dual' else 1) + (1 if self.learned_variance else 0)
+
     # --- the forward process q -----------------------------------------------------------------
 
     def q_mean_variance(self, x0, t):
@@ -187,10 +194,32 @@ class Diffusion:
     # --- the reverse process p -----------------------------------------------------------------
 
     def split_model_output(self, model_output):
-        """Splits a learned-variance output [..., 2C] into (mean part, variance part)."""
+        """Splits the output into (mean part, variance part or None): a learned variance is the
+        last C of the `output_groups` × C channels."""
         if self.learned_variance:
-            return jnp.split(model_output, 2, axis=-1)
+            channels = model_output.shape[-1] // self.output_groups
+            return model_output[..., :-channels], model_output[..., -channels:]
         return model_output, None
+
+    def split_dual(self, output):
+        """The dual mean part [..., 3C] as (ε_θ, x_θ, r = sigmoid(logit))."""
+        eps, x0, logit = jnp.split(output, 3, axis=-1)
+        return eps, x0, jax.nn.sigmoid(logit)
+
+    def predict_x0(self, output, x_t, t):
+        """x̂_0 from the mean part of the output, unclipped.
+
+        For 'dual' (Benny & Wolf 2022): x̂_0 = r x_θ + (1 - r) x̂_0(ε_θ). μ̃ (eq. 7) and the DDIM
+        update are linear in x̂_0 for a given x_t, so this mixes the two x_{t-1} estimates.
+        """
+        if self.mean_type == 'eps':
+            return self.predict_x0_from_eps(x_t, t, output)
+        if self.mean_type == 'x0':
+            return output
+        if self.mean_type == 'xprev':
+            return self.predict_x0_from_xprev(x_t, t, output)
+        eps, x0, r = self.split_dual(output)
+        return r * x0 + (1.0 - r) * self.predict_x0_from_eps(x_t, t, eps)
 
     def _model_log_variance(self, var_values, t, shape):
         if self.var_type == 'fixedlarge':
@@ -225,17 +254,15 @@ class Diffusion:
           dict with `mean`, `variance`, `log_variance` (broadcastable to x_t) and `pred_x0`.
         """
         output, var_values = self.split_model_output(model_output)
-        if output.shape != x_t.shape:
+        if model_output.shape != x_t.shape[:-1] + (self.output_groups * x_t.shape[-1],):
             raise ValueError(f'model output {model_output.shape} does not fit x_t {x_t.shape} '
-                             f'for var_type {self.var_type!r}')
+                             f'for mean_type {self.mean_type!r} and var_type {self.var_type!r}')
         variance, log_variance = self._model_log_variance(var_values, t, x_t.shape)
         clip = (lambda x: jnp.clip(x, -1.0, 1.0)) if clip_denoised else (lambda x: x)
+        pred_x0 = clip(self.predict_x0(output, x_t, t))
         if self.mean_type == 'xprev':
-            pred_x0 = clip(self.predict_x0_from_xprev(x_t, t, output))
             mean = output
         else:
-            pred_x0 = output if self.mean_type == 'x0' else self.predict_x0_from_eps(x_t, t, output)
-            pred_x0 = clip(pred_x0)
             mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0)
 
@@ -275,6 +302,8 @@ class Diffusion:
         """Per-example training loss for `loss_type` (mean over pixels, not a sum).
 
         'mse' is L_simple (eq. 14) for eps; for x0 / xprev the same squared error on that target.
+        For 'dual' (Benny & Wolf 2022) the squared errors of ε_θ and x_θ plus that of the combined
+        x̂_0 with ε_θ and x_θ frozen, so r learns only from the combined term.
         'kl' is the bound term L_{t-1} (eq. 5) in bits/dim. 'hybrid' (IDDPM §3.1) is
         L_simple + λ L_vlb with a stop-gradient on the mean in L_vlb, where L_vlb for a uniformly
         drawn t is estimated by T · L_t (so λ = 0.001 with T = 1000 weighs L_t by 1).
@@ -285,9 +314,16 @@ class Diffusion:
         if self.loss_type == 'kl':
             return self.vb_terms_bpd(model_output, x0, x_t, t, clip_denoised=False)[0]
         output, var_values = self.split_model_output(model_output)
-        target = {'eps': noise, 'x0': x0,
-                  'xprev': self.q_posterior(x0, x_t, t)[0]}[self.mean_type]
-        loss = mean_flat(jnp.square(target - output))
+        if self.mean_type == 'dual':
+            eps, pred, _ = self.split_dual(output)
+            frozen = jnp.concatenate([jax.lax.stop_gradient(jnp.concatenate([eps, pred], -1)),
+                                      output[..., 2 * x0.shape[-1]:]], axis=-1)
+            loss = (mean_flat(jnp.square(noise - eps)) + mean_flat(jnp.square(x0 - pred))
+                    + mean_flat(jnp.square(x0 - self.predict_x0(frozen, x_t, t))))
+        else:
+            target = {'eps': noise, 'x0': x0,
+                      'xprev': self.q_posterior(x0, x_t, t)[0]}[self.mean_type]
+            loss = mean_flat(jnp.square(target - output))
         if self.loss_type == 'hybrid':
             frozen = jax.lax.stop_gradient(output)
             if var_values is not None:

@@ -37,14 +37,15 @@ def make_diffusion(diffusion_config):
 
 
 def make_model(config):
-    """The U-Net of a config, after checking its output channels fit the data and variance."""
-    learned = config.diffusion.var_type in ('learned', 'learned_range')
-    expected = config.data.channels * (2 if learned else 1)
+    """The U-Net of a config, after checking its output channels fit the data and the
+    parameterization (ε / x_0 / dual outputs, learned variance)."""
+    diffusion = config.diffusion
+    expected = config.data.channels * make_diffusion(diffusion).output_groups
     if config.model.out_ch != expected:
         raise ValueError(
             f'model.out_ch={config.model.out_ch} but {config.data.channels}-channel images with '
-            f"var_type {config.diffusion.var_type!r} need {expected}: "
-            f'set --config.model.out_ch={expected}')
+            f'mean_type {diffusion.mean_type!r} and var_type {diffusion.var_type!r} need '
+            f'{expected}: set --config.model.out_ch={expected}')
     return UNet(**config.model)
 
 
@@ -137,18 +138,55 @@ def check_finite(step_metrics, first_step):
                     'the state was not saved, the last checkpoint is intact')
 
 
+SAMPLERS = ('ancestral', 'ddim')
+
+
+def check_sampling_config(sampling_config, num_timesteps):
+    """Fails early (before training) on a sampler setting that would fail after it."""
+    if sampling_config.sampler not in SAMPLERS:
+        raise ValueError(f'Unknown sampling.sampler {sampling_config.sampler!r}; valid: '
+                         f'{", ".join(SAMPLERS)}')
+    if sampling_config.sampler == 'ddim':
+        if not 0.0 <= sampling_config.eta <= 1.0:
+            raise ValueError(f'sampling.eta must be in [0, 1], got {sampling_config.eta}')
+        sampling.timestep_sequence(num_timesteps, sampling_config.num_steps,
+                                   sampling_config.timestep_spacing)
+
+
+def sample_batch(sampling_config, model_apply, params, diffusion, rng, shape, *, progress=True,
+                 sharding=None):
+    """One batch from the configured sampler: (x_0, x̂_0 snapshots), both float32."""
+    name = sampling_config.sampler
+    if name == 'ancestral':
+        return sampling.ancestral_sample(
+            model_apply, params, diffusion, rng, shape,
+            clip_denoised=sampling_config.clip_denoised, chunk_size=sampling_config.chunk_size,
+            progress=progress, sharding=sharding)
+    if name == 'ddim':
+        num_steps = sampling_config.num_steps
+        # As many snapshots as the ancestral sampler's chunking would give over T steps.
+        chunk = -(-num_steps * sampling_config.chunk_size // diffusion.num_timesteps)
+        return sampling.ddim_sample(
+            model_apply, params, diffusion, rng, shape, num_steps=num_steps,
+            eta=sampling_config.eta, spacing=sampling_config.timestep_spacing,
+            clip_denoised=sampling_config.clip_denoised, chunk_size=chunk, progress=progress,
+            sharding=sharding)
+    check_sampling_config(sampling_config, diffusion.num_timesteps)
+    raise AssertionError('unreachable: check_sampling_config rejects the sampler')
+
+
 def sample_images(config, model_apply, params, diffusion, rng, mesh, *, num_samples,
                   progress=True):
-    """`num_samples` ancestral samples as uint8, plus the first batch's x̂_0 snapshots."""
+    """`num_samples` samples of the configured sampler as uint8, plus the first batch's x̂_0
+    snapshots."""
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     batch_size = min(config.sampling.batch_size, num_samples)
     sharding = (parallel.data_sharded(mesh) if batch_size % mesh.devices.size == 0 else None)
     samples, snapshots = [], None
     for i in range(-(-num_samples // batch_size)):
-        x0, snaps = sampling.ancestral_sample(
-            model_apply, params, diffusion, jax.random.fold_in(rng, i), (batch_size,) + shape,
-            clip_denoised=config.sampling.clip_denoised, chunk_size=config.sampling.chunk_size,
-            progress=progress, sharding=sharding)
+        x0, snaps = sample_batch(config.sampling, model_apply, params, diffusion,
+                                 jax.random.fold_in(rng, i), (batch_size,) + shape,
+                                 progress=progress, sharding=sharding)
         samples.append(images.to_uint8(jax.device_get(x0)))
         if snapshots is None:
             snapshots = images.to_uint8(jax.device_get(snaps))
@@ -181,6 +219,7 @@ def train_and_evaluate(config, workdir):
     mesh = parallel.make_mesh()
     parallel.check_global_batch(training.batch_size, mesh)
     diffusion = make_diffusion(config.diffusion)
+    check_sampling_config(config.sampling, diffusion.num_timesteps)
     model = make_model(config)
     input_pipeline = make_input_pipeline(config)
     checkpointing.save_config(workdir, config)

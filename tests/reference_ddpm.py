@@ -2,8 +2,9 @@
 
 Written from the equations, not from `diffusion_jax`: Ho, Jain & Abbeel (2020) eqs. 4-7 and 11-14
 (the variational bound eq. 5, the discretized decoder eq. 13), the beta schedules of the original
-diffusion_tf code, and Nichol & Dhariwal (2021, "IDDPM") eqs. 15 and 17 for the learned-range
-variance and the cosine schedule.
+diffusion_tf code, Nichol & Dhariwal (2021, "IDDPM") eqs. 15 and 17 for the learned-range
+variance and the cosine schedule, Song, Meng & Ermon (2021, "DDIM") eqs. 12 and 16, and the
+dual-output parameterization of Benny & Wolf (2022).
 
 Time is 0-indexed: index i is the paper's t = i + 1. Every function takes and returns float64
 arrays; images are NHWC, `t` an integer vector of length B. Per-element functions are kept separate
@@ -207,10 +208,12 @@ def p_mean_variance(proc, output, x_t, t, mean_type, var_type, clip_denoised):
     """Returns dict(mean, variance, log_variance, pred_x0) of p(x_{t-1} | x_t)."""
     output = np.asarray(output, dtype=np.float64)
     c = x_t.shape[-1]
+    mean_ch = 3 * c if mean_type == 'dual' else c
     if var_type in ('learned', 'learned_range'):
-        assert output.shape[-1] == 2 * c
-        mean_out, var_out = output[..., :c], output[..., c:]
+        assert output.shape[-1] == mean_ch + c
+        mean_out, var_out = output[..., :mean_ch], output[..., mean_ch:]
     else:
+        assert output.shape[-1] == mean_ch
         mean_out, var_out = output, None
     var, logvar = model_variance(proc, var_type, var_out, t, x_t.ndim)
 
@@ -230,10 +233,50 @@ def p_mean_variance(proc, output, x_t, t, mean_type, var_type, clip_denoised):
     elif mean_type == 'x0':
         pred_x0 = clip(mean_out)
         mean = q_posterior(proc, pred_x0, x_t, t)[0]
+    elif mean_type == 'dual':
+        pred_x0 = clip(dual_x0(proc, mean_out, x_t, t))
+        mean = q_posterior(proc, pred_x0, x_t, t)[0]
     else:
         raise KeyError(mean_type)
     return dict(mean=mean, variance=np.broadcast_to(var, x_t.shape),
                 log_variance=np.broadcast_to(logvar, x_t.shape), pred_x0=pred_x0)
+
+
+def dual_x0(proc, mean_out, x_t, t):
+    """Benny & Wolf (2022): x̂_0 = r x_θ + (1 - r) x̂_0(ε_θ), r = sigmoid(logit), channels
+    [ε_θ | x_θ | logit]."""
+    c = x_t.shape[-1]
+    eps, x0, logit = mean_out[..., :c], mean_out[..., c:2 * c], mean_out[..., 2 * c:3 * c]
+    r = 1.0 / (1.0 + np.exp(-logit))
+    return r * x0 + (1.0 - r) * x0_from_eps(proc, x_t, t, eps)
+
+
+def dual_loss_and_grad(proc, mean_out, x0, x_t, t, noise):
+    """The dual-output loss ‖ε - ε_θ‖² + ‖x_0 - x_θ‖² + ‖x_0 - x̂_0^comb‖² (pixel means), with ε_θ
+    and x_θ held constant in the third term, and its gradient with respect to [ε_θ | x_θ | logit]
+    written out by hand."""
+    c = x0.shape[-1]
+    n = x0[0].size
+    eps, x0_out, logit = mean_out[..., :c], mean_out[..., c:2 * c], mean_out[..., 2 * c:]
+    r = 1.0 / (1.0 + np.exp(-logit))
+    x0_eps = x0_from_eps(proc, x_t, t, eps)
+    comb = r * x0_out + (1.0 - r) * x0_eps
+    loss = (pixel_mean((noise - eps) ** 2) + pixel_mean((x0 - x0_out) ** 2)
+            + pixel_mean((x0 - comb) ** 2))
+    grad = np.concatenate([2.0 * (eps - noise) / n, 2.0 * (x0_out - x0) / n,
+                           2.0 * (comb - x0) * (x0_out - x0_eps) * r * (1.0 - r) / n], axis=-1)
+    return loss, grad
+
+
+def ddim_step(proc, x_t, t, s, pred_x0, eta, noise):
+    """DDIM eq. 12 from level t to s (s = -1: ᾱ = 1), σ of eq. 16; x̂_0 given (the model's,
+    clipped or not), ε̂ the noise that maps x_t to it."""
+    abar_t = proc.abar[t]
+    abar_s = 1.0 if s < 0 else proc.abar[s]
+    eps = (x_t - math.sqrt(abar_t) * pred_x0) / math.sqrt(1.0 - abar_t)
+    sigma = eta * math.sqrt((1.0 - abar_s) / (1.0 - abar_t)) * math.sqrt(1.0 - abar_t / abar_s)
+    return (math.sqrt(abar_s) * pred_x0 + math.sqrt(max(1.0 - abar_s - sigma ** 2, 0.0)) * eps
+            + sigma * noise)
 
 
 def p_sample(proc, output, x_t, t, noise, mean_type, var_type, clip_denoised):

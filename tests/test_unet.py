@@ -356,6 +356,18 @@ def test_conv_backward_falls_back_to_xla_and_rejects_unknown_names():
     # Stride 2 is not the custom path: the result is XLA's exactly.
     np.testing.assert_array_equal(grad_of(conv.matmul_grad_conv_general_dilated),
                                   grad_of(jax.lax.conv_general_dilated))
-    assert conv.conv_general_dilated('auto') is conv.matmul_grad_conv_general_dilated  # CPU here
+    auto = conv.conv_general_dilated('auto')
+    assert auto is conv.auto_cpu_conv_general_dilated  # the CPU here
+
+    def dots_in_gradient(channels):
+        x = jnp.zeros((1, 4, 4, channels))
+        w = jnp.zeros((3, 3, channels, channels))
+        jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(auto(
+            x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))))(w)
+        return str(jaxpr).count('dot_general')
+
+    # Small layers keep XLA's gradient (convolutions only), large ones get the nine matmuls.
+    assert dots_in_gradient(conv.AUTO_MIN_CHANNELS - 1) == 0
+    assert dots_in_gradient(conv.AUTO_MIN_CHANNELS) == 9
     with pytest.raises(ValueError, match="conv_backward 'fast'"):
         conv.conv_general_dilated('fast')

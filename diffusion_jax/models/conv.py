@@ -7,10 +7,12 @@ docs/benchmarks.md), and these layers are most of a training step. The same grad
   dx = conv(g, W flipped in both spatial axes, in/out channels swapped)     (a forward conv)
   dW[i, j] = (g^T x_pad[:, i:i+H, j:j+W])^T  for the nine kernel offsets     ([Cout, BHW] matmuls)
 
-runs at 1.3-3.7x XLA's rate for the weight gradient (docs/benchmarks.md). The result is the same
-function up to float rounding (tested against a float64 NumPy reference and against `jax.grad` of
-XLA's convolution in tests/test_unet.py). On TPU and GPU XLA's own gradient is the fast one, so
-'auto' uses this only on the CPU.
+runs at 1.3-3.7x XLA's rate for the weight gradient of 64-256-channel layers (docs/benchmarks.md).
+With fewer channels the nine small matmuls lose to XLA (the MNIST main job's 16-32-channel U-Net
+trained 24% slower with them), so 'auto' uses them only on the CPU and only for layers with at
+least AUTO_MIN_CHANNELS input and output channels; on TPU and GPU XLA's own gradient is the fast
+one. The result is the same function up to float rounding (tested against a float64 NumPy
+reference and against `jax.grad` of XLA's convolution in tests/test_unet.py).
 """
 
 from functools import partial
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 CONV_BACKWARDS = ('auto', 'xla', 'matmul')
+AUTO_MIN_CHANNELS = 64
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -80,15 +83,25 @@ def matmul_grad_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dila
     return _conv3x3(lhs, rhs, precision)
 
 
+def auto_cpu_conv_general_dilated(lhs, rhs, *args, **kwargs):
+    """'auto' on the CPU: the matmul gradient for kernels (HWIO) with at least
+    AUTO_MIN_CHANNELS input and output channels, XLA's for smaller ones."""
+    if min(rhs.shape[-2:]) >= AUTO_MIN_CHANNELS:
+        return matmul_grad_conv_general_dilated(lhs, rhs, *args, **kwargs)
+    return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+
 def conv_general_dilated(conv_backward):
     """The convolution function of a `UNet.conv_backward` setting.
 
-    'auto' picks 'matmul' when the default backend is the CPU and 'xla' elsewhere.
+    'auto' is `auto_cpu_conv_general_dilated` when the default backend is the CPU and XLA's
+    convolution elsewhere.
     """
     if conv_backward not in CONV_BACKWARDS:
         raise ValueError(f'Unknown conv_backward {conv_backward!r}; valid: '
                          f'{", ".join(CONV_BACKWARDS)}')
     if conv_backward == 'auto':
-        conv_backward = 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+        return (auto_cpu_conv_general_dilated if jax.default_backend() == 'cpu'
+                else lax.conv_general_dilated)
     return (matmul_grad_conv_general_dilated if conv_backward == 'matmul' else
             lax.conv_general_dilated)

@@ -28,7 +28,8 @@ class UNet(nn.Module):
       num_groups: GroupNorm groups.
       dtype: compute dtype; parameters stay float32 and the output is float32.
       conv_backward: how the 3x3 convolutions are differentiated: 'xla', 'matmul' (faster on
-        the CPU, same gradient; models/conv.py) or 'auto' (matmul on the CPU, else xla).
+        the CPU for wide layers, same gradient; models/conv.py) or 'auto' (matmul on the CPU for
+        layers of >= 64 channels, else xla).
     """
     ch: int = 128
     out_ch: int = 3
