@@ -218,7 +218,9 @@ class Diffusion:
             return output
         if self.mean_type == 'xprev':
             return self.predict_x0_from_xprev(x_t, t, output)
-        eps, x0, r = self.split_dual(output)
+        return self._dual_x0(*self.split_dual(output), x_t, t)
+
+    def _dual_x0(self, eps, x0, r, x_t, t):
         return r * x0 + (1.0 - r) * self.predict_x0_from_eps(x_t, t, eps)
 
     def _model_log_variance(self, var_values, t, shape):
@@ -315,11 +317,10 @@ class Diffusion:
             return self.vb_terms_bpd(model_output, x0, x_t, t, clip_denoised=False)[0]
         output, var_values = self.split_model_output(model_output)
         if self.mean_type == 'dual':
-            eps, pred, _ = self.split_dual(output)
-            frozen = jnp.concatenate([jax.lax.stop_gradient(jnp.concatenate([eps, pred], -1)),
-                                      output[..., 2 * x0.shape[-1]:]], axis=-1)
+            eps, pred, r = self.split_dual(output)
+            sg = jax.lax.stop_gradient
             loss = (mean_flat(jnp.square(noise - eps)) + mean_flat(jnp.square(x0 - pred))
-                    + mean_flat(jnp.square(x0 - self.predict_x0(frozen, x_t, t))))
+                    + mean_flat(jnp.square(x0 - self._dual_x0(sg(eps), sg(pred), r, x_t, t))))
         else:
             target = {'eps': noise, 'x0': x0,
                       'xprev': self.q_posterior(x0, x_t, t)[0]}[self.mean_type]

@@ -156,23 +156,20 @@ def check_sampling_config(sampling_config, num_timesteps):
 def sample_batch(sampling_config, model_apply, params, diffusion, rng, shape, *, progress=True,
                  sharding=None):
     """One batch from the configured sampler: (x_0, x̂_0 snapshots), both float32."""
-    name = sampling_config.sampler
-    if name == 'ancestral':
+    check_sampling_config(sampling_config, diffusion.num_timesteps)
+    if sampling_config.sampler == 'ancestral':
         return sampling.ancestral_sample(
             model_apply, params, diffusion, rng, shape,
             clip_denoised=sampling_config.clip_denoised, chunk_size=sampling_config.chunk_size,
             progress=progress, sharding=sharding)
-    if name == 'ddim':
-        num_steps = sampling_config.num_steps
-        # As many snapshots as the ancestral sampler's chunking would give over T steps.
-        chunk = -(-num_steps * sampling_config.chunk_size // diffusion.num_timesteps)
-        return sampling.ddim_sample(
-            model_apply, params, diffusion, rng, shape, num_steps=num_steps,
-            eta=sampling_config.eta, spacing=sampling_config.timestep_spacing,
-            clip_denoised=sampling_config.clip_denoised, chunk_size=chunk, progress=progress,
-            sharding=sharding)
-    check_sampling_config(sampling_config, diffusion.num_timesteps)
-    raise AssertionError('unreachable: check_sampling_config rejects the sampler')
+    num_steps = sampling_config.num_steps  # DDIM
+    # As many snapshots as the ancestral sampler's chunking would give over T steps.
+    chunk = -(-num_steps * sampling_config.chunk_size // diffusion.num_timesteps)
+    return sampling.ddim_sample(
+        model_apply, params, diffusion, rng, shape, num_steps=num_steps,
+        eta=sampling_config.eta, spacing=sampling_config.timestep_spacing,
+        clip_denoised=sampling_config.clip_denoised, chunk_size=chunk, progress=progress,
+        sharding=sharding)
 
 
 def sample_images(config, model_apply, params, diffusion, rng, mesh, *, num_samples,

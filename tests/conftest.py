@@ -15,6 +15,19 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope='module')
+def fast_compiles():
+    """XLA optimizations off for a module (opt in with `pytestmark =
+    pytest.mark.usefixtures('fast_compiles')`): compiling, not running, dominates the numerical
+    tests on CPU. Yields the previous setting (for a test that turns them back on) and restores it
+    for the other modules."""
+    import jax
+    previous = jax.config.values['jax_disable_most_optimizations']
+    jax.config.update('jax_disable_most_optimizations', True)
+    yield previous
+    jax.config.update('jax_disable_most_optimizations', previous)
+
+
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
     """A tfds data dir shared by the session (builders prepare into it once)."""

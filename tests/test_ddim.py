@@ -28,12 +28,7 @@ except ImportError:  # pragma: no cover
 SHAPE = (3, 4, 4, 2)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-    previous = jax.config.values['jax_disable_most_optimizations']
-    jax.config.update('jax_disable_most_optimizations', True)
-    yield
-    jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 @functools.cache
@@ -176,7 +171,8 @@ def test_ddim_ignores_a_learned_variance():
 
 
 def _gaussian_eps(mu, s, diffusion):
-    """The exact ε(x_t, t) = E[ε | x_t] for data ~ N(mu, s² I): x_t ~ N(sqrt(ᾱ) mu, ᾱ s² + 1 - ᾱ)."""
+    """The exact ε(x_t, t) = E[ε | x_t] for data ~ N(mu, s² I), under which
+    x_t ~ N(sqrt(ᾱ) mu, ᾱ s² + 1 - ᾱ)."""
     def apply(params, x, t):
         ab = diffusion.alphas_cumprod[t][:, None, None, None]
         return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * mu) / (ab * s ** 2 + 1 - ab)

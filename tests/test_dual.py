@@ -20,12 +20,7 @@ T = 100
 SHAPE = (4, 3, 3, 2)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-    previous = jax.config.values['jax_disable_most_optimizations']
-    jax.config.update('jax_disable_most_optimizations', True)
-    yield
-    jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _diffusion(mean_type, var_type='fixedlarge', loss_type='mse'):
@@ -69,7 +64,7 @@ def test_dual_loss_and_gradients_match_reference():
 
     value, grad = jax.value_and_grad(loss)(jnp.asarray(out))
     want_losses, want_grad = ref.dual_loss_and_grad(proc, out.astype(np.float64), x0, x_t, t,
-                                                     noise)
+                                                    noise)
     np.testing.assert_allclose(value, np.sum(want_losses), rtol=2e-5)
     c = SHAPE[-1]
     for k, head in enumerate(('eps', 'x0', 'logit')):

@@ -35,13 +35,7 @@ SHAPE = (3, 4, 4, 2)  # B, H, W, C for the toy network.
 ATOL = 1e-5
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-    """Compiling dominates these tests on CPU; the bitwise test turns optimizations back on."""
-    previous = jax.config.values['jax_disable_most_optimizations']
-    jax.config.update('jax_disable_most_optimizations', True)
-    yield previous
-    jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 # -------------------------------------------------------------------------------------------------

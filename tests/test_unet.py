@@ -17,13 +17,7 @@ MNIST = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), 
 NEAR_ZERO_LAYERS = ('conv2', 'proj_out', 'conv_out')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-    """Compiling is most of these tests' cost on CPU; restore the flag for other test files."""
-    previous = jax.config.values['jax_disable_most_optimizations']
-    jax.config.update('jax_disable_most_optimizations', True)
-    yield
-    jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _abstract_init(model, x_shape, t_shape=None, dtype=jnp.float32):
@@ -317,7 +311,7 @@ def test_matmul_conv_gradient_matches_numpy(shape):
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
     # The forward pass is XLA's own convolution.
     y = conv.matmul_grad_conv_general_dilated(x, w, (1, 1), 'SAME',
-                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     np.testing.assert_array_equal(
         y, jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC')))

@@ -58,9 +58,9 @@ _conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
 
 
 def matmul_grad_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                rhs_dilation=None, dimension_numbers=None,
-                                feature_group_count=1, batch_group_count=1, precision=None,
-                                preferred_element_type=None):
+                                     rhs_dilation=None, dimension_numbers=None,
+                                     feature_group_count=1, batch_group_count=1, precision=None,
+                                     preferred_element_type=None):
     """Drop-in for `lax.conv_general_dilated` (as `nn.Conv(conv_general_dilated=...)`).
 
     Stride-1, undilated, ungrouped 3x3 'SAME' convolutions in NHWC/HWIO get the custom gradient;
@@ -68,8 +68,7 @@ def matmul_grad_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dila
     """
     plain = (rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
              and padding in ('SAME', ((1, 1), (1, 1))) and lhs.ndim == 4
-             and not any(d not in (None, 1) for d in (*(lhs_dilation or ()),
-                                                     *(rhs_dilation or ())))
+             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
              and feature_group_count == 1 and batch_group_count == 1
              and preferred_element_type is None
              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)

@@ -100,10 +100,10 @@ class UNet(nn.Module):
                                f'up_{i}_attn_{j}')
             if i != 0:
                 h = layers.Upsample(self.resamp_with_conv, dtype, conv_backward,
-                                   name=f'up_{i}_upsample')(h)
+                                    name=f'up_{i}_upsample')(h)
         assert not hs, 'every skip connection is consumed'
 
         h = nn.swish(layers.group_norm(groups, name='norm_out')(h))
         h = layers.conv3x3(self.out_ch, name='conv_out', dtype=dtype, scale=0.0,
-                              conv_backward=conv_backward)(h)
+                           conv_backward=conv_backward)(h)
         return h.astype(jnp.float32)
