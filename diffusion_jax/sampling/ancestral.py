@@ -81,18 +81,35 @@ def reverse_chain(model_apply, params, diffusion, x_t, rng, *, t_start, clip_den
     Returns:
       (x_0, x̂_0 snapshots at the last step of each chunk).
     """
-    chunk_size = t_start + 1 if chunk_size is None else chunk_size
+    def run_chunk(x, start, num_steps):
+        return reverse_steps(model_apply, params, diffusion, x, rng, jnp.int32(t_start - start),
+                             num_steps=num_steps, clip_denoised=clip_denoised)
+
+    return run_chunked(run_chunk, x_t, t_start + 1, chunk_size, progress=progress,
+                       desc='sampling')
+
+
+def run_chunked(run_chunk, x, total, chunk_size, *, progress, desc):
+    """Runs `total` steps as jitted calls of at most `chunk_size` (None: one call).
+
+    Args:
+      run_chunk: (x, first step index, number of steps) -> (x, x̂_0 of the chunk's last step).
+      x: the starting state.
+      total, chunk_size: steps in all and per call.
+      progress, desc: a tqdm bar advancing per chunk.
+
+    Returns:
+      (x after the last step, x̂_0 snapshots stacked over the chunks).
+    """
+    chunk_size = total if chunk_size is None else chunk_size
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
         raise ValueError(f'chunk_size must be a positive integer, got {chunk_size!r}')
-    x, snapshots = x_t, []
-    with tqdm(total=t_start + 1, desc='sampling', unit='step', disable=not progress) as bar:
-        while t_start >= 0:
-            num_steps = min(chunk_size, t_start + 1)
-            x, pred_x0 = reverse_steps(model_apply, params, diffusion, x, rng,
-                                       jnp.int32(t_start), num_steps=num_steps,
-                                       clip_denoised=clip_denoised)
+    snapshots = []
+    with tqdm(total=total, desc=desc, unit='step', disable=not progress) as bar:
+        for start in range(0, total, chunk_size):
+            num_steps = min(chunk_size, total - start)
+            x, pred_x0 = run_chunk(x, start, num_steps)
             snapshots.append(pred_x0)
-            t_start -= num_steps
             if progress:  # Dispatch is asynchronous: wait, so the bar shows real progress.
                 x.block_until_ready()
             bar.update(num_steps)

@@ -20,7 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+
+from diffusion_jax.sampling.ancestral import run_chunked
 
 SPACINGS = ('leading', 'trailing')
 
@@ -122,21 +123,13 @@ def _run(model_apply, params, diffusion, x, rng, from_levels, to_levels, eta, cl
     steps = dict(t=np.asarray(from_levels, np.int32), sqrt_alpha_bar_to=sqrt_ab,
                  eps_coef=eps_coef, sigma=sigma)
     steps = {k: jnp.asarray(v, jnp.int32 if k == 't' else jnp.float32) for k, v in steps.items()}
-    total = len(from_levels)
-    chunk_size = total if chunk_size is None else chunk_size
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
-        raise ValueError(f'chunk_size must be a positive integer, got {chunk_size!r}')
-    snapshots = []
-    with tqdm(total=total, desc=desc, unit='step', disable=not progress) as bar:
-        for start in range(0, total, chunk_size):
-            chunk = {k: v[start:start + chunk_size] for k, v in steps.items()}
-            x, pred_x0 = ddim_steps(model_apply, params, diffusion, x, rng, chunk,
-                                    clip_denoised=clip_denoised)
-            snapshots.append(pred_x0)
-            if progress:
-                x.block_until_ready()
-            bar.update(len(chunk['t']))
-    return x, jnp.stack(snapshots)
+
+    def run_chunk(x, start, num_steps):
+        chunk = {k: v[start:start + num_steps] for k, v in steps.items()}
+        return ddim_steps(model_apply, params, diffusion, x, rng, chunk,
+                          clip_denoised=clip_denoised)
+
+    return run_chunked(run_chunk, x, len(from_levels), chunk_size, progress=progress, desc=desc)
 
 
 def ddim_sample(model_apply, params, diffusion, rng, shape, *, num_steps, eta=0.0,
