@@ -47,6 +47,17 @@ def get_config():
     diffusion.var_type = 'fixedlarge'  # fixedlarge | fixedsmall | learned | learned_range.
     diffusion.loss_type = 'mse'  # mse (L_simple) | kl (true bound) | hybrid (IDDPM).
     diffusion.hybrid_lambda = 0.001  # λ in L_simple + λ L_vlb.
+    # ddpm (Ho et al.) | vp | subvp | ve (score SDEs, Song et al. 2021) | ncsn (Song & Ermon 2019).
+    # For SDEs num_timesteps is the samplers' N; for ncsn the number L of noise levels.
+    diffusion.process = 'ddpm'
+    diffusion.beta_min = 0.1  # vp, subvp: β(t) = β_min + t (β_max - β_min).
+    diffusion.beta_max = 20.0
+    diffusion.sigma_min = 0.01  # ve, ncsn: geometric σ from σ_max down to σ_min (data in [-1, 1]).
+    diffusion.sigma_max = 50.0
+    diffusion.train_eps = 1e-5  # SDEs: t ~ U[train_eps, 1] in training.
+    # SDEs: the samplers' end time (None: 1e-3 for VP and sub-VP, 1e-5 for VE).
+    diffusion.sample_eps = config_dict.placeholder(float)
+    diffusion.likelihood_weighting = False  # SDEs: λ(t) = g(t)² instead of std(t)².
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.learning_rate = 2e-4
@@ -74,10 +85,23 @@ def get_config():
     sampling.batch_size = 256  # Images per sampler call.
     sampling.clip_denoised = True  # Clip x̂_0 to [-1, 1] in every reverse step.
     sampling.chunk_size = 100  # Reverse steps per jitted call: progress bar and x̂_0 snapshots.
-    sampling.sampler = 'ancestral'  # ancestral (Algorithm 2, all T steps) | ddim.
+    # ancestral (Algorithm 2, all T steps) | ddim (ddpm); pc | ode (SDEs); langevin (ncsn).
+    sampling.sampler = 'ancestral'
     sampling.num_steps = 50  # ddim: network evaluations (chunks scale to chunk_size / T of them).
     sampling.eta = 0.0  # ddim: 0 deterministic .. 1 (with all T steps: ancestral, fixedsmall).
     sampling.timestep_spacing = 'leading'  # ddim: leading | trailing | section counts '10,10,10'.
+    # pc (SDEs): predictor euler_maruyama | reverse_diffusion | ancestral | none, then corrector
+    # langevin | none with `n_corrector` steps of signal-to-noise ratio `snr`.
+    sampling.predictor = 'reverse_diffusion'
+    sampling.corrector = 'langevin'
+    sampling.n_corrector = 1
+    sampling.snr = 0.16
+    sampling.ode_solver = 'tsit5'  # ode (SDEs): tsit5 | dopri5 | dopri8 | heun, adaptive steps.
+    sampling.ode_rtol = 1e-5
+    sampling.ode_atol = 1e-5
+    sampling.n_steps_each = 100  # langevin (ncsn): steps per noise level.
+    sampling.step_lr = 2e-5  # langevin: ε of the step α_i = ε σ_i² / σ_L².
+    sampling.denoise = True  # pc, ode, langevin: end with a noise-free (Tweedie) step.
 
     config.eval = evaluation = ml_collections.ConfigDict()  # --mode=eval
     evaluation.num_images = 256  # Test images in the bits/dim bound (T forward passes each).

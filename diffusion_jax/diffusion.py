@@ -152,6 +152,16 @@ class Diffusion:
         learned variance."""
         return (3 if self.mean_type == 'dual' else 1) + (1 if self.learned_variance else 0)
 
+    # --- what the training step needs (shared with sde.SDE and sde.NCSN) ------------------------
+
+    def sample_t(self, rng, batch_size):
+        """t ~ Uniform{0, ..., T-1} (Algorithm 1, line 3)."""
+        return jax.random.randint(rng, (batch_size,), 0, self.num_timesteps, dtype=jnp.int32)
+
+    def time_label(self, t):
+        """The network's time input: the timestep itself."""
+        return t
+
     # --- the forward process q -----------------------------------------------------------------
 
     def q_mean_variance(self, x0, t):

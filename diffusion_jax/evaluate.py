@@ -39,7 +39,7 @@ def sample(config, workdir):
     """Writes samples.npz, samples.png and progressive.png from the workdir's EMA weights."""
     mesh = parallel.make_mesh()
     diffusion = train.make_diffusion(config.diffusion)
-    train.check_sampling_config(config.sampling, diffusion.num_timesteps)
+    sampling.check_sampling_config(config.sampling, diffusion)
     model, params, step = restore_ema_params(config, workdir, mesh)
     logging.info('Sampling from the EMA weights of step %d', step)
     return train.write_final_samples(config, workdir, train.make_model_apply(model), params,

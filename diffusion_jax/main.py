@@ -14,6 +14,7 @@ from absl import logging
 
 from diffusion_jax import config_cli
 from diffusion_jax import evaluate
+from diffusion_jax import toy
 from diffusion_jax import train
 
 FLAGS = flags.FLAGS
@@ -59,7 +60,12 @@ def main(argv):
     configure_cpu_backend(FLAGS.config, FLAGS.cpu_devices, FLAGS.cpu_fast_math)
     logging.info('JAX process %d of %d, local devices %s', jax.process_index(),
                  jax.process_count(), jax.local_devices())
-    if FLAGS.mode == 'train':
+    if FLAGS.config.data.name == toy.DATA_NAME:
+        if FLAGS.mode != 'train':
+            raise app.UsageError(f'data.name={toy.DATA_NAME!r} (the 2-D check) has only '
+                                 '--mode=train: it trains, samples and evaluates in one go')
+        toy.run(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'train':
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'sample':
         evaluate.sample(FLAGS.config, FLAGS.workdir)

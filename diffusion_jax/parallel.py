@@ -87,14 +87,14 @@ def shard_map_grad_fn(loss_fn, mesh, *, clip_norm=None):
                          out_specs=P())
 
 
-def build_train_step(*, loss_fn, optimizer, optim_config, num_timesteps, mesh, shardings,
+def build_train_step(*, loss_fn, optimizer, optim_config, process, mesh, shardings,
                      mode='jit', clip_per_replica=False):
     """The jitted, donating train step (state, batch, base_rng) -> (state, metrics).
 
     Args:
       loss_fn: see `shard_map_grad_fn`.
       optimizer: must not clip again when `clip_per_replica` (see `make_optimizer(clip=False)`).
-      optim_config, num_timesteps: passed to `train_step.train_step`.
+      optim_config, process: passed to `train_step.train_step`.
       mesh: the ("data",) mesh.
       shardings: the train state's shardings (`state_shardings`).
       mode: 'jit' or 'shard_map'.
@@ -110,6 +110,6 @@ def build_train_step(*, loss_fn, optimizer, optim_config, num_timesteps, mesh, s
         grad_fn = shard_map_grad_fn(
             loss_fn, mesh, clip_norm=optim_config.grad_clip if clip_per_replica else None)
     step = functools.partial(train_step_lib.train_step, grad_fn=grad_fn, optimizer=optimizer,
-                             optim_config=optim_config, num_timesteps=num_timesteps)
+                             optim_config=optim_config, process=process)
     return jax.jit(step, in_shardings=(shardings, data_sharded(mesh), replicated(mesh)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)

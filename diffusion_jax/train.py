@@ -21,19 +21,41 @@ from diffusion_jax import parallel
 from diffusion_jax import reporting
 from diffusion_jax import sampling
 from diffusion_jax import schedules
+from diffusion_jax import sde as sde_lib
 from diffusion_jax import train_state as train_state_lib
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.models import UNet
 
 
 def make_diffusion(diffusion_config):
-    """The `Diffusion` of a config's `diffusion` block."""
+    """The process of a config's `diffusion` block: DDPM's `Diffusion`, an `sde.SDE` (vp, subvp,
+    ve) or an `sde.NCSN`; each gives the training loss its t, x_t and loss."""
+    name = diffusion_config.process
+    if name != 'ddpm':
+        return _make_score_process(diffusion_config)
     betas = schedules.get_beta_schedule(
         diffusion_config.beta_schedule, diffusion_config.num_timesteps,
         beta_start=diffusion_config.beta_start, beta_end=diffusion_config.beta_end)
     return diffusion_lib.Diffusion.create(
         betas, mean_type=diffusion_config.mean_type, var_type=diffusion_config.var_type,
         loss_type=diffusion_config.loss_type, hybrid_lambda=diffusion_config.hybrid_lambda)
+
+
+def _make_score_process(c):
+    if (c.mean_type, c.var_type, c.loss_type) != ('eps', 'fixedlarge', 'mse'):
+        raise ValueError(f'diffusion.process={c.process!r} trains an ε-network with the denoising '
+                         'score matching loss: leave mean_type, var_type and loss_type at eps, '
+                         'fixedlarge and mse')
+    if c.process == 'ncsn':
+        return sde_lib.NCSN(num_scales=c.num_timesteps, sigma_min=c.sigma_min,
+                            sigma_max=c.sigma_max)
+    if c.process not in sde_lib.SDE_NAMES:
+        raise ValueError(f'Unknown diffusion.process {c.process!r}; valid: ddpm, ncsn, '
+                         f'{", ".join(sde_lib.SDE_NAMES)}')
+    return sde_lib.get_sde(c.process, num_scales=c.num_timesteps, beta_min=c.beta_min,
+                           beta_max=c.beta_max, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
+                           train_eps=c.train_eps, sample_eps=c.sample_eps,
+                           likelihood_weighting=c.likelihood_weighting)
 
 
 def make_model(config):
@@ -110,7 +132,7 @@ def build_step(config, model, diffusion, optimizer, mesh, shardings):
     loss_fn = losses.make_diffusion_loss(model, diffusion)
     return parallel.build_train_step(
         loss_fn=loss_fn, optimizer=optimizer, optim_config=config.optim,
-        num_timesteps=diffusion.num_timesteps, mesh=mesh, shardings=shardings,
+        process=diffusion, mesh=mesh, shardings=shardings,
         mode=config.training.parallel, clip_per_replica=config.training.clip_per_replica)
 
 
@@ -138,40 +160,6 @@ def check_finite(step_metrics, first_step):
                     'the state was not saved, the last checkpoint is intact')
 
 
-SAMPLERS = ('ancestral', 'ddim')
-
-
-def check_sampling_config(sampling_config, num_timesteps):
-    """Fails early (before training) on a sampler setting that would fail after it."""
-    if sampling_config.sampler not in SAMPLERS:
-        raise ValueError(f'Unknown sampling.sampler {sampling_config.sampler!r}; valid: '
-                         f'{", ".join(SAMPLERS)}')
-    if sampling_config.sampler == 'ddim':
-        if not 0.0 <= sampling_config.eta <= 1.0:
-            raise ValueError(f'sampling.eta must be in [0, 1], got {sampling_config.eta}')
-        sampling.timestep_sequence(num_timesteps, sampling_config.num_steps,
-                                   sampling_config.timestep_spacing)
-
-
-def sample_batch(sampling_config, model_apply, params, diffusion, rng, shape, *, progress=True,
-                 sharding=None):
-    """One batch from the configured sampler: (x_0, x̂_0 snapshots), both float32."""
-    check_sampling_config(sampling_config, diffusion.num_timesteps)
-    if sampling_config.sampler == 'ancestral':
-        return sampling.ancestral_sample(
-            model_apply, params, diffusion, rng, shape,
-            clip_denoised=sampling_config.clip_denoised, chunk_size=sampling_config.chunk_size,
-            progress=progress, sharding=sharding)
-    num_steps = sampling_config.num_steps  # DDIM
-    # As many snapshots as the ancestral sampler's chunking would give over T steps.
-    chunk = -(-num_steps * sampling_config.chunk_size // diffusion.num_timesteps)
-    return sampling.ddim_sample(
-        model_apply, params, diffusion, rng, shape, num_steps=num_steps,
-        eta=sampling_config.eta, spacing=sampling_config.timestep_spacing,
-        clip_denoised=sampling_config.clip_denoised, chunk_size=chunk, progress=progress,
-        sharding=sharding)
-
-
 def sample_images(config, model_apply, params, diffusion, rng, mesh, *, num_samples,
                   progress=True):
     """`num_samples` samples of the configured sampler as uint8, plus the first batch's x̂_0
@@ -181,9 +169,9 @@ def sample_images(config, model_apply, params, diffusion, rng, mesh, *, num_samp
     sharding = (parallel.data_sharded(mesh) if batch_size % mesh.devices.size == 0 else None)
     samples, snapshots = [], None
     for i in range(-(-num_samples // batch_size)):
-        x0, snaps = sample_batch(config.sampling, model_apply, params, diffusion,
-                                 jax.random.fold_in(rng, i), (batch_size,) + shape,
-                                 progress=progress, sharding=sharding)
+        x0, snaps = sampling.sample_batch(config.sampling, model_apply, params, diffusion,
+                                          jax.random.fold_in(rng, i), (batch_size,) + shape,
+                                          progress=progress, sharding=sharding)
         samples.append(images.to_uint8(jax.device_get(x0)))
         if snapshots is None:
             snapshots = images.to_uint8(jax.device_get(snaps))
@@ -216,7 +204,7 @@ def train_and_evaluate(config, workdir):
     mesh = parallel.make_mesh()
     parallel.check_global_batch(training.batch_size, mesh)
     diffusion = make_diffusion(config.diffusion)
-    check_sampling_config(config.sampling, diffusion.num_timesteps)
+    sampling.check_sampling_config(config.sampling, diffusion)
     model = make_model(config)
     input_pipeline = make_input_pipeline(config)
     checkpointing.save_config(workdir, config)

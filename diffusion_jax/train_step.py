@@ -11,7 +11,7 @@ from diffusion_jax import losses
 from diffusion_jax import train_state as train_state_lib
 
 
-def train_step(state, batch, base_rng, *, grad_fn, optimizer, optim_config, num_timesteps):
+def train_step(state, batch, base_rng, *, grad_fn, optimizer, optim_config, process):
     """One step of Algorithm 1 on a global batch.
 
     Args:
@@ -22,7 +22,7 @@ def train_step(state, batch, base_rng, *, grad_fn, optimizer, optim_config, num_
         `jax.value_and_grad(loss_fn, has_aux=True)` or the shard_map version from `parallel`.
       optimizer: the optax transformation `state.opt_state` belongs to.
       optim_config: the `optim` config block (EMA decay, schedule).
-      num_timesteps: T.
+      process: the `Diffusion`, `sde.SDE` or `sde.NCSN` that draws t.
 
     Returns:
       (new state, metrics dict of scalars).
@@ -30,7 +30,7 @@ def train_step(state, batch, base_rng, *, grad_fn, optimizer, optim_config, num_
     rng = jax.random.fold_in(base_rng, state.step)
     noise_rng, dropout_rng = jax.random.split(rng)
     x0 = batch['image']
-    t, noise = losses.draw_timesteps_and_noise(noise_rng, x0, num_timesteps)
+    t, noise = losses.draw_timesteps_and_noise(noise_rng, x0, process)
     (_, metrics), grads = grad_fn(state.params, x0, t, noise, dropout_rng)
     new_state = train_state_lib.apply_gradients(state, grads, optimizer, optim_config)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import run_python
+from diffusion_jax import sampling
 from diffusion_jax import train
 from diffusion_jax.diffusion import Diffusion
 from diffusion_jax.sampling import (ancestral_sample, ddim_encode, ddim_sample,
@@ -214,8 +215,8 @@ def test_sampler_from_config_and_its_errors():
     shape = (2, 8, 8, 1)
     config.sampling.sampler = 'ddim'
     config.sampling.num_steps = 5
-    x0, snaps = train.sample_batch(config.sampling, toy_apply(), params, diffusion,
-                                   jax.random.key(0), shape, progress=False)
+    x0, snaps = sampling.sample_batch(config.sampling, toy_apply(), params, diffusion,
+                                      jax.random.key(0), shape, progress=False)
     # chunk_size 5 of T = 20 steps -> chunks of 2 DDIM steps: 3 snapshots for 5 steps.
     assert x0.shape == shape and snaps.shape == (3,) + shape
     want, _ = ddim_sample(toy_apply(), params, diffusion, jax.random.key(0), shape, num_steps=5,
@@ -228,7 +229,7 @@ def test_sampler_from_config_and_its_errors():
         bad = config.sampling.copy_and_resolve_references()
         bad[field] = value
         with pytest.raises(ValueError, match=match):
-            train.check_sampling_config(bad, diffusion.num_timesteps)
+            sampling.check_sampling_config(bad, diffusion)
 
 
 def test_few_step_study_script_runs_on_tiny(tmp_path, data_dir):
