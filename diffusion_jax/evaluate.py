@@ -13,12 +13,14 @@ from diffusion_jax import checkpointing
 from diffusion_jax import images
 from diffusion_jax import parallel
 from diffusion_jax import sampling
+from diffusion_jax import sde as sde_lib
 from diffusion_jax import train
 from diffusion_jax import train_state as train_state_lib
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.evaluation import feature_metrics
 from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation import likelihood
+from diffusion_jax.evaluation import ode_likelihood
 
 
 def restore_ema_params(config, workdir, mesh):
@@ -47,7 +49,9 @@ def sample(config, workdir):
 
 
 def evaluate(config, workdir):
-    """Bits/dim on the test split, rate–distortion and (MNIST-5k) sample quality: eval.json etc."""
+    """Test bits/dim and (MNIST-5k) sample quality in eval.json. DDPM: the variational bound,
+    rate–distortion and the interpolation figure; score SDEs: the exact likelihood of the
+    probability flow ODE; NCSN has no likelihood (only sample quality)."""
     mesh = parallel.make_mesh()
     model, params, step = restore_ema_params(config, workdir, mesh)
     diffusion = train.make_diffusion(config.diffusion)
@@ -58,30 +62,57 @@ def evaluate(config, workdir):
                                channels=config.data.channels)
     test_images = test_images[:config.eval.num_images]
     model_apply = train.make_model_apply(model)  # One object: it is a jit static argument.
-    start = time.perf_counter()
-    bound = likelihood.bits_per_dim(
-        model_apply, params, diffusion, test_images,
-        jax.random.fold_in(jax.random.key(config.seed), 0xE7A1),
-        batch_size=config.eval.batch_size, sharding=parallel.data_sharded(mesh),
-        timestep_chunk=config.eval.timestep_chunk)
-    seconds = time.perf_counter() - start
-    rate, distortion = likelihood.rate_distortion(
-        bound['terms_bpd'], bound['prior_bpd'].mean(), bound['x0_mse'])
-    total = bound['total_bpd']
-    results = dict(step=step, num_images=len(total), bits_per_dim=float(total.mean()),
-                   bits_per_dim_stderr=float(total.std(ddof=1) / np.sqrt(len(total))),
-                   prior_bpd=float(bound['prior_bpd'].mean()),
-                   decoder_bpd=float(bound['terms_bpd'][0]), seconds=seconds)
-    logging.info('Test bits/dim %.4f ± %.4f over %d images (%.0f s)', results['bits_per_dim'],
-                 results['bits_per_dim_stderr'], len(total), seconds)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
+    results = dict(step=step)
+    if isinstance(diffusion, sde_lib.SDE):
+        results.update(_ode_bits_per_dim(config, model_apply, params, diffusion, test_images,
+                                         rng, mesh))
+    elif not isinstance(diffusion, sde_lib.NCSN):
+        results.update(_bound_bits_per_dim(config, workdir, model_apply, params, diffusion,
+                                           test_images, rng, mesh))
+        _write_interpolation(config, workdir, model_apply, params, diffusion, test_images, mesh)
     results.update(_sample_quality(config, workdir))
-    _write_interpolation(config, workdir, model_apply, params, diffusion, test_images, mesh)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'eval.json'), 'w') as f:
             json.dump(results, f, indent=2)
+    return results
+
+
+def _summary(bpd, seconds, **extra):
+    results = dict(num_images=len(bpd), bits_per_dim=float(bpd.mean()),
+                   bits_per_dim_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd))),
+                   seconds=seconds, **extra)
+    logging.info('Test bits/dim %.4f ± %.4f over %d images (%.0f s)', results['bits_per_dim'],
+                 results['bits_per_dim_stderr'], len(bpd), seconds)
+    return results
+
+
+def _bound_bits_per_dim(config, workdir, model_apply, params, diffusion, test_images, rng, mesh):
+    """The DDPM bound (eq. 5) and rate–distortion (rate_distortion.{csv,png})."""
+    start = time.perf_counter()
+    bound = likelihood.bits_per_dim(
+        model_apply, params, diffusion, test_images, rng, batch_size=config.eval.batch_size,
+        sharding=parallel.data_sharded(mesh), timestep_chunk=config.eval.timestep_chunk)
+    results = _summary(bound['total_bpd'], time.perf_counter() - start,
+                       prior_bpd=float(bound['prior_bpd'].mean()),
+                       decoder_bpd=float(bound['terms_bpd'][0]))
+    rate, distortion = likelihood.rate_distortion(
+        bound['terms_bpd'], bound['prior_bpd'].mean(), bound['x0_mse'])
+    if jax.process_index() == 0:
         _write_bound_csv(os.path.join(workdir, 'rate_distortion.csv'), bound, rate, distortion)
         _plot_rate_distortion(os.path.join(workdir, 'rate_distortion.png'), rate, distortion)
     return results
+
+
+def _ode_bits_per_dim(config, model_apply, params, sde, test_images, rng, mesh):
+    """Dequantized bits/dim under the probability flow ODE (Hutchinson trace estimator)."""
+    start = time.perf_counter()
+    out = ode_likelihood.bits_per_dim(
+        model_apply, params, sde, test_images, rng, batch_size=config.eval.batch_size,
+        rtol=config.sampling.ode_rtol, atol=config.sampling.ode_atol,
+        solver=config.sampling.ode_solver, sharding=parallel.data_sharded(mesh))
+    return _summary(out['bpd'], time.perf_counter() - start, likelihood='probability_flow_ode',
+                    ode_solver_steps=out['solver_steps'].tolist())
 
 
 def _write_interpolation(config, workdir, model_apply, params, diffusion, test_images, mesh):

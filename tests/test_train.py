@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, run_python
 from configs import tiny
-from diffusion_jax import reporting, train
+from diffusion_jax import reporting, toy, train
 
 CONFIG_NAMES = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
                       if p.stem not in ('__init__', 'hires'))
@@ -109,6 +109,12 @@ def test_every_config_loads_locks_and_builds_its_model(name):
     with pytest.raises(AttributeError):
         config.training.not_a_field = 1
     assert (config.__doc__ or importlib.import_module(f'configs.{name}').__doc__).strip()
+    if config.data.name == toy.DATA_NAME:  # the 2-D check's MLP (tests/test_score_cli.py)
+        variables = jax.eval_shape(toy.ScoreMLP(**config.model).init, jax.random.key(0),
+                                   jax.ShapeDtypeStruct((1, 2), np.float32),
+                                   jax.ShapeDtypeStruct((1,), np.float32))
+        assert sum(x.size for x in jax.tree.leaves(variables)) > 1000
+        return
     model = train.make_model(config)
     size = config.data.image_size
     variables = jax.eval_shape(model.init, jax.random.key(0),
