@@ -27,8 +27,8 @@ from diffusion_jax.diffusion import mean_flat
 SDE_NAMES = ('vp', 'subvp', 've')
 
 
-def _bcast(v, x):
-    """A [B] vector broadcast against x [B, ...]."""
+def broadcast_batch(v, x):
+    """A [B] vector reshaped to broadcast against x [B, ...]."""
     return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
 
 
@@ -65,7 +65,7 @@ class SDE:
 
     def q_sample(self, x0, t, noise):
         mean, std = self.marginal_prob(x0, t)
-        return mean + _bcast(std, x0) * noise
+        return mean + broadcast_batch(std, x0) * noise
 
     def time_label(self, t):
         """The U-Net's time input: 999 t (for VE, log σ is linear in t, so this is log σ
@@ -86,7 +86,7 @@ class SDE:
     # -- what the samplers need ---------------------------------------------------------------
     def score_from_output(self, model_output, x, t):
         """Eq. (1) of this module's docstring."""
-        return -model_output / _bcast(self.marginal_prob(x, t)[1], x)
+        return -model_output / broadcast_batch(self.marginal_prob(x, t)[1], x)
 
     def prior_sampling(self, rng, shape):
         return self.prior_std * jax.random.normal(rng, shape, jnp.float32)
@@ -98,7 +98,7 @@ class SDE:
         """Drift and diffusion of the reverse-time SDE (SDE eq. 6) or, with
         `probability_flow`, of the probability flow ODE (SDE eq. 13): f - (1 or ½) g² s."""
         drift, g = self.sde(x, t)
-        g2 = _bcast(jnp.square(g), x)
+        g2 = broadcast_batch(jnp.square(g), x)
         if probability_flow:
             return drift - 0.5 * g2 * score, jnp.zeros_like(g)
         return drift - g2 * score, g
@@ -140,7 +140,7 @@ class VPSDE(SDE):
 
     def sde(self, x, t):
         beta = self.beta(t)
-        return -0.5 * _bcast(beta, x) * x, jnp.sqrt(beta)
+        return -0.5 * broadcast_batch(beta, x) * x, jnp.sqrt(beta)
 
     def log_mean_coeff(self, t):
         """log of exp(-½ ∫_0^t β(s) ds) (SDE eq. 29)."""
@@ -148,12 +148,12 @@ class VPSDE(SDE):
 
     def marginal_prob(self, x0, t):
         log_coeff = self.log_mean_coeff(t)
-        return _bcast(jnp.exp(log_coeff), x0) * x0, jnp.sqrt(-jnp.expm1(2.0 * log_coeff))
+        return broadcast_batch(jnp.exp(log_coeff), x0) * x0, jnp.sqrt(-jnp.expm1(2.0 * log_coeff))
 
     def discretize(self, x, t):
         """DDPM's chain: x_i = sqrt(1 - β_i) x_{i-1} + sqrt(β_i) z (SDE eq. 47)."""
         beta = self.discrete_betas()[self.discrete_index(t)]
-        return _bcast(jnp.sqrt(1.0 - beta) - 1.0, x) * x, jnp.sqrt(beta)
+        return broadcast_batch(jnp.sqrt(1.0 - beta) - 1.0, x) * x, jnp.sqrt(beta)
 
     def langevin_alpha(self, t):
         return 1.0 - self.discrete_betas()[self.discrete_index(t)]
@@ -170,7 +170,7 @@ class SubVPSDE(VPSDE):
 
     def marginal_prob(self, x0, t):
         log_coeff = self.log_mean_coeff(t)
-        return _bcast(jnp.exp(log_coeff), x0) * x0, -jnp.expm1(2.0 * log_coeff)
+        return broadcast_batch(jnp.exp(log_coeff), x0) * x0, -jnp.expm1(2.0 * log_coeff)
 
     discretize = SDE.discretize
     langevin_alpha = SDE.langevin_alpha
@@ -242,7 +242,7 @@ class NCSN:
         return jnp.asarray(self.sigmas(), jnp.float32)[i]
 
     def q_sample(self, x0, i, noise):
-        return x0 + _bcast(self.sigma(i), x0) * noise
+        return x0 + broadcast_batch(self.sigma(i), x0) * noise
 
     def time_label(self, i):
         """999 (1 - i / (L-1)): the VE SDE's label of the same σ (log σ rescaled to [0, 999])."""
@@ -254,7 +254,7 @@ class NCSN:
         return 0.5 * mean_flat(jnp.square(model_output - noise))
 
     def score_from_output(self, model_output, x, i):
-        return -model_output / _bcast(self.sigma(i), x)
+        return -model_output / broadcast_batch(self.sigma(i), x)
 
 
 def get_sde(name, *, num_scales, beta_min=0.1, beta_max=20.0, sigma_min=0.01, sigma_max=50.0,

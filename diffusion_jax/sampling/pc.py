@@ -20,19 +20,17 @@ corrector step j from fold_in(fold_in(rng, i), j + 1), so chunking changes nothi
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax import sde as sde_lib
 from diffusion_jax.sampling.ancestral import run_chunked
+from diffusion_jax.sde import broadcast_batch as _b
 
 PREDICTORS = ('euler_maruyama', 'reverse_diffusion', 'ancestral', 'none')
 CORRECTORS = ('langevin', 'none')
-
-
-def _bcast(v, x):
-    return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
 
 
 def _per_sample_norm(v):
@@ -41,39 +39,36 @@ def _per_sample_norm(v):
 
 def predictor_step(predictor, sde, score, x, t, z):
     """One predictor step at time t (vector [B]) with score s(x, t): (x, noise-free mean)."""
+    if predictor == 'none':
+        return x, x
     if predictor == 'euler_maruyama':
-        dt = -1.0 / sde.N
+        dt = 1.0 / sde.N
         drift, g = sde.reverse(score, x, t)
-        mean = x + drift * dt
-        return mean + _bcast(g, x) * jnp.sqrt(-dt) * z, mean
-    if predictor == 'reverse_diffusion':
-        f, G = sde.discretize(x, t)
-        mean = x - f + _bcast(jnp.square(G), x) * score
-        return mean + _bcast(G, x) * z, mean
-    if predictor == 'ancestral':
+        mean, std = x - drift * dt, g * math.sqrt(dt)
+    elif predictor == 'reverse_diffusion':
+        f, std = sde.discretize(x, t)
+        mean = x - f + _b(jnp.square(std), x) * score
+    elif predictor == 'ancestral':
         if isinstance(sde, sde_lib.VESDE):
             sigma, prev, var = sde.discrete_steps(t)
-            mean = x + _bcast(var, x) * score
-            std = prev * jnp.sqrt(var) / sigma
+            mean, std = x + _b(var, x) * score, prev * jnp.sqrt(var) / sigma
         elif isinstance(sde, sde_lib.VPSDE) and not isinstance(sde, sde_lib.SubVPSDE):
             beta = sde.discrete_betas()[sde.discrete_index(t)]
-            mean = (x + _bcast(beta, x) * score) / _bcast(jnp.sqrt(1.0 - beta), x)
-            std = jnp.sqrt(beta)
+            mean, std = (x + _b(beta, x) * score) / _b(jnp.sqrt(1.0 - beta), x), jnp.sqrt(beta)
         else:
             raise ValueError(f'The ancestral predictor needs a VP or VE SDE, got '
                              f'{type(sde).__name__}')
-        return mean + _bcast(std, x) * z, mean
-    if predictor == 'none':
-        return x, x
-    raise ValueError(f'Unknown predictor {predictor!r}; valid: {", ".join(PREDICTORS)}')
+    else:
+        raise ValueError(f'Unknown predictor {predictor!r}; valid: {", ".join(PREDICTORS)}')
+    return mean + _b(std, x) * z, mean
 
 
 def corrector_step(sde, score, x, t, z, snr):
     """One Langevin corrector step (SDE Algorithms 4-5): (x, noise-free mean)."""
     ratio = snr * jnp.mean(_per_sample_norm(z)) / jnp.mean(_per_sample_norm(score))
     step = 2.0 * sde.langevin_alpha(t) * jnp.square(ratio)
-    mean = x + _bcast(step, x) * score
-    return mean + _bcast(jnp.sqrt(2.0 * step), x) * z, mean
+    mean = x + _b(step, x) * score
+    return mean + _b(jnp.sqrt(2.0 * step), x) * z, mean
 
 
 @functools.partial(jax.jit, static_argnames=('model_apply', 'sde', 'num_steps', 'predictor',
