@@ -74,6 +74,6 @@ def test_toy2d_mlp_trains_in_seconds_and_passes_looser_ground_truth_checks(tmp_p
     run_python(['-m', 'diffusion_jax.main', '--config=configs/toy2d.py', f'--workdir={workdir}'])
     m = json.loads((workdir / 'toy_metrics.json').read_text())
     assert m['mmd2'] < m['mmd2_data'] + 0.01, m
-    assert m['sliced_w2'] < 0.3, m
+    assert m['sliced_w2'] < m['sliced_w2_data'] + 0.2, m
     assert abs(m['ode_log_likelihood'] - m['true_log_likelihood']) < 0.15, m
     assert (workdir / 'toy.png').stat().st_size > 10_000

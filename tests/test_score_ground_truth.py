@@ -2,9 +2,9 @@
 reproduce it, and the ODE likelihood of the exact score must equal the closed-form density.
 
 Distances are judged against data vs data at the same n = 2000, where (measured over 20 seeds)
-MMD² has mean -1e-4 and standard deviation 9e-4, and the sliced W2 mean 0.09, max 0.16. The bounds
-(MMD² within 0.004 of the data-vs-data value, sliced W2 below 0.2) fail for a mixture whose weights
-are off by 0.1 (the negative control below).
+MMD² has mean -1e-4 and standard deviation 9e-4, and the sliced W2 mean 0.09, standard deviation
+0.03. The bounds are MMD² within 0.004 and sliced W2 within 0.1 of the data-vs-data values; the
+MMD bound fails for a mixture whose weights are off by 0.1 (the negative control below).
 """
 
 import functools
@@ -22,7 +22,7 @@ from diffusion_jax.sampling import langevin, ode, pc
 
 MIXTURE = toy.GaussianMixture()
 N_POINTS = 2000
-MMD_MARGIN, SW_BOUND = 0.004, 0.2
+MMD_MARGIN, SW_MARGIN = 0.004, 0.1
 
 
 def numpy_log_prob(x, m, s):
@@ -76,7 +76,7 @@ def _check(samples, seed=5):
 
 def _assert_recovers(metrics):
     assert metrics['mmd2'] < metrics['mmd2_data'] + MMD_MARGIN, metrics
-    assert metrics['sliced_w2'] < SW_BOUND, metrics
+    assert metrics['sliced_w2'] < metrics['sliced_w2_data'] + SW_MARGIN, metrics
 
 
 SDE_CASES = [('vp', 'reverse_diffusion', 'langevin'), ('vp', 'euler_maruyama', 'none'),
