@@ -149,7 +149,8 @@ def main(argv):
     for name in FLAGS.variants:
         rows += study_variant(base, name, FLAGS.workdir, step_counts, FLAGS.num_samples,
                               FLAGS.bpd_images)
-    command = 'python ' + ' '.join(argv)
+    del argv  # absl has removed the flags from it; the report records them.
+    command = 'python ' + ' '.join(sys.argv)
     write_report(rows, FLAGS.workdir, command)
     if FLAGS.docs_dir:
         for ext in ('json', 'md', 'png'):
