@@ -73,8 +73,12 @@ def marginal_scales(process, label):
     if isinstance(process, sde_lib.NCSN):
         level = jnp.round((1.0 - label / 999.0) * (process.num_scales - 1)).astype(jnp.int32)
         return jnp.ones_like(label), process.sigma(level)
-    t = label / 999.0
-    m, s = process.marginal_prob(jnp.ones((label.shape[0], 1)), t)
+    return sde_scales(process, label / 999.0)
+
+
+def sde_scales(sde, t):
+    """m(t), s(t) [B] of an SDE at times t [B]."""
+    m, s = sde.marginal_prob(jnp.ones((t.shape[0], 1)), t)
     return m[:, 0], s
 
 
@@ -203,10 +207,9 @@ def run(config, workdir):
         data = mixture.sample(jax.random.fold_in(rng, 2), config.data.num_eval)
         logp, _, _ = ode_likelihood.log_likelihood(model_apply, params, process, data,
                                                    jax.random.fold_in(rng, 3), method='exact')
-        m, s = process.marginal_prob(jnp.ones((len(data), 1)),
-                                     jnp.full((len(data),), process.sample_eps))
+        m, s = sde_scales(process, jnp.full((len(data),), process.sample_eps))
         metrics.update(ode_log_likelihood=float(jnp.mean(logp)),
-                       true_log_likelihood=float(jnp.mean(mixture.log_prob(data, m[:, 0], s))))
+                       true_log_likelihood=float(jnp.mean(mixture.log_prob(data, m, s))))
     log_metrics(workdir, metrics)
     write_figure(os.path.join(workdir, 'toy.png'), samples,
                  np.asarray(mixture.sample(jax.random.fold_in(rng, 4), len(samples))),
