@@ -14,6 +14,9 @@ from ml_collections import config_dict
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 0  # Base of every random draw: parameters, data order, noise (fold_in).
+    # diffusion: train the U-Net denoiser | noisy_classifier: train p(y | x_t, t) on noised
+    # images for classifier guidance (the model block then describes its encoder).
+    config.task = 'diffusion'
 
     config.data = data = ml_collections.ConfigDict()
     data.name = 'cifar10'  # tfds builder: mnist5k | digits | cifar10 (from the manual archive).
@@ -37,6 +40,9 @@ def get_config():
     # Gradient of the 3x3 convs: xla | matmul (faster on the CPU for >= 64 channels) | auto (matmul
     # on the CPU for layers with >= 64 channels, else xla).
     model.conv_backward = 'auto'
+    # U-Net: 0 = unconditional, K = class-conditional on labels 0..K-1 plus the null label K
+    # (classifier-free guidance). noisy_classifier: the number of classes it predicts.
+    model.num_classes = 0
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.beta_schedule = 'linear'  # linear|cosine|quad|const|jsd|warmup10|warmup50.
@@ -79,6 +85,7 @@ def get_config():
     training.keep_checkpoints = 3
     training.parallel = 'jit'  # jit (NamedSharding) | shard_map (per-device loss, explicit pmean).
     training.clip_per_replica = False  # shard_map only: clip per replica before the mean.
+    training.label_dropout = 0.1  # Conditional U-Net: P(label -> null label), for CFG.
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.num_samples = 256  # Written to samples.npz / samples.png after training.
@@ -102,6 +109,22 @@ def get_config():
     sampling.n_steps_each = 100  # langevin (ncsn): steps per noise level.
     sampling.step_lr = 2e-5  # langevin: ε of the step α_i = ε σ_i² / σ_L².
     sampling.denoise = True  # pc, ode, langevin: end with a noise-free (Tweedie) step.
+    # none | classifier_free (conditional U-Net: (1 + w) ε(x, y) - w ε(x, ∅), any sampler) |
+    # classifier (μ + s Σ ∇ log p(y | x_t), ancestral or ddim; needs classifier_workdir).
+    sampling.guidance = 'none'
+    sampling.guidance_scale = 0.0  # w (classifier_free) or s (classifier).
+    sampling.labels = 'cycle'  # Class of each sample: cycle | random | e.g. '3' or '1,7'.
+    sampling.classifier_workdir = config_dict.placeholder(str)  # A task=noisy_classifier run.
+
+    config.edit = edit = ml_collections.ConfigDict()  # --mode=edit (SDEdit).
+    # Guide images: .png (a grid of image_size tiles, or one image) or .npz (`images`, uint8
+    # [N, H, W, C]); None: the stroke demo, blocky strokes of the first test images.
+    edit.guide = config_dict.placeholder(str)
+    edit.mask = config_dict.placeholder(str)  # Same format, nonzero = keep the guide's pixel.
+    edit.t0 = 0.5  # Start time as a fraction of the diffusion time (0: the guide itself).
+    edit.repeats = 1  # K rounds of noise-and-denoise, each starting from the last output.
+    edit.num_images = 32  # Stroke demo: how many test digits.
+    edit.stroke_block = 4  # Stroke demo: tile size of the blocky strokes.
 
     config.eval = evaluation = ml_collections.ConfigDict()  # --mode=eval
     evaluation.num_images = 256  # Test images in the bits/dim bound (T forward passes each).

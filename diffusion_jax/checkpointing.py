@@ -5,6 +5,7 @@ import logging
 import os
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 
@@ -53,3 +54,18 @@ def save_config(workdir, config):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
         json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+
+
+def load_config(workdir):
+    """The config a run saved in `workdir/config.json` (lists back to tuples, as configs use)."""
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path} does not exist: is {workdir!r} the workdir of a run?')
+    with open(path) as f:
+        raw = json.load(f)
+
+    def tuples(node):
+        if isinstance(node, dict):
+            return {k: tuples(v) for k, v in node.items()}
+        return tuple(node) if isinstance(node, list) else node
+    return ml_collections.ConfigDict(tuples(raw))

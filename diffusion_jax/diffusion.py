@@ -278,11 +278,16 @@ class Diffusion:
             mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0)
 
-    def p_sample(self, model_output, x_t, t, noise, clip_denoised=True):
-        """One ancestral step x_t -> x_{t-1} (Algorithm 2); no noise is added at t = 0."""
+    def p_sample(self, model_output, x_t, t, noise, clip_denoised=True, guidance=None):
+        """One ancestral step x_t -> x_{t-1} (Algorithm 2); no noise is added at t = 0.
+
+        `guidance` g = s ∇ log p(y | x_t) shifts the mean to μ + Σ g (classifier guidance,
+        Dhariwal & Nichol 2021, Algorithm 1).
+        """
         out = self.p_mean_variance(model_output, x_t, t, clip_denoised)
+        mean = out['mean'] if guidance is None else out['mean'] + out['variance'] * guidance
         nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
-        x_prev = out['mean'] + nonzero * jnp.exp(0.5 * out['log_variance']) * noise
+        x_prev = mean + nonzero * jnp.exp(0.5 * out['log_variance']) * noise
         return x_prev, out['pred_x0']
 
     # --- the variational bound (eq. 5) and the losses ------------------------------------------

@@ -9,13 +9,11 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing
 from diffusion_jax import images
 from diffusion_jax import parallel
 from diffusion_jax import sampling
 from diffusion_jax import sde as sde_lib
 from diffusion_jax import train
-from diffusion_jax import train_state as train_state_lib
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.evaluation import feature_metrics
 from diffusion_jax.evaluation import fid
@@ -23,28 +21,15 @@ from diffusion_jax.evaluation import likelihood
 from diffusion_jax.evaluation import ode_likelihood
 
 
-def restore_ema_params(config, workdir, mesh):
-    """(model, EMA parameters, step) of the latest checkpoint in `workdir`."""
-    model = train.make_model(config)
-    optimizer = train_state_lib.make_optimizer(
-        config.optim, clip=not config.training.clip_per_replica)
-    manager = checkpointing.make_manager(workdir, keep=config.training.keep_checkpoints)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: '
-                                'train first (--mode=train)')
-    state, _, _ = train.init_or_restore_state(config, model, optimizer, mesh, manager)
-    manager.close()
-    return model, state.ema_params, int(jax.device_get(state.step))
-
-
 def sample(config, workdir):
     """Writes samples.npz, samples.png and progressive.png from the workdir's EMA weights."""
     mesh = parallel.make_mesh()
     diffusion = train.make_diffusion(config.diffusion)
     sampling.check_sampling_config(config.sampling, diffusion)
-    model, params, step = restore_ema_params(config, workdir, mesh)
+    model, params, step = train.restore_ema_params(config, workdir, mesh)
     logging.info('Sampling from the EMA weights of step %d', step)
-    return train.write_final_samples(config, workdir, train.make_model_apply(model), params,
+    return train.write_final_samples(config, workdir,
+                                     train.make_sampler(config, model, diffusion, mesh), params,
                                      diffusion, mesh)
 
 
@@ -53,29 +38,58 @@ def evaluate(config, workdir):
     rate–distortion and the interpolation figure; score SDEs: the exact likelihood of the
     probability flow ODE; NCSN has no likelihood (only sample quality)."""
     mesh = parallel.make_mesh()
-    model, params, step = restore_ema_params(config, workdir, mesh)
+    model, params, step = train.restore_ema_params(config, workdir, mesh)
     diffusion = train.make_diffusion(config.diffusion)
-    test_images, _ = data_pipeline.load_split(config.data.name, 'test',
-                                              data_dir=config.data.data_dir,
-                                              manual_dir=config.data.manual_dir)
-    data_pipeline.check_images(test_images, image_size=config.data.image_size,
-                               channels=config.data.channels)
+    test_images, test_labels = load_test_split(config)
     test_images = test_images[:config.eval.num_images]
     model_apply = train.make_model_apply(model)  # One object: it is a jit static argument.
     rng = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
     results = dict(step=step)
-    if isinstance(diffusion, sde_lib.SDE):
+    if config.task == 'noisy_classifier':
+        results.update(_classifier_accuracy(config, model_apply, params, diffusion, test_images,
+                                            test_labels[:config.eval.num_images]))
+    elif isinstance(diffusion, sde_lib.SDE):
         results.update(_ode_bits_per_dim(config, model_apply, params, diffusion, test_images,
                                          rng, mesh))
     elif not isinstance(diffusion, sde_lib.NCSN):
         results.update(_bound_bits_per_dim(config, workdir, model_apply, params, diffusion,
                                            test_images, rng, mesh))
         _write_interpolation(config, workdir, model_apply, params, diffusion, test_images, mesh)
-    results.update(_sample_quality(config, workdir))
+    if config.task == 'diffusion':
+        results.update(_sample_quality(config, workdir))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'eval.json'), 'w') as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def load_test_split(config):
+    """The configured dataset's test images (uint8, checked against the config) and labels."""
+    test_images, test_labels = data_pipeline.load_split(config.data.name, 'test',
+                                                        data_dir=config.data.data_dir,
+                                                        manual_dir=config.data.manual_dir)
+    data_pipeline.check_images(test_images, image_size=config.data.image_size,
+                               channels=config.data.channels)
+    return test_images, test_labels
+
+
+def _classifier_accuracy(config, model_apply, params, process, test_images, test_labels,
+                         num_levels=5):
+    """A noise-aware classifier's test accuracy on x_t at evenly spaced times, from the clean
+    image (t = 0) to pure noise (the last level, where chance is 1 / K)."""
+    x0 = jax.numpy.asarray(test_images, jax.numpy.float32) / 127.5 - 1.0
+    if isinstance(process, sde_lib.SDE):
+        levels = np.linspace(process.train_eps, 1.0, num_levels)
+    else:
+        levels = np.linspace(0, process.num_timesteps - 1, num_levels).round().astype(np.int32)
+    noise = jax.random.normal(jax.random.key(config.seed), x0.shape)
+    accuracy = {}
+    for level in levels:
+        t = jax.numpy.full((len(x0),), level)
+        logits = model_apply(params, process.q_sample(x0, t, noise), process.time_label(t))
+        accuracy[f'{level:.4g}'] = float(np.mean(np.argmax(logits, -1) == test_labels))
+    logging.info('Noisy-classifier test accuracy by t: %s', accuracy)
+    return dict(num_images=len(x0), accuracy_by_t=accuracy)
 
 
 def _summary(bpd, seconds, **extra):

@@ -38,3 +38,42 @@ def save_png(path, image, *, scale=1):
         image = image[..., 0]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(image).save(path)
+
+
+def load_images(path, *, image_size, channels, padding=2):
+    """uint8 images [N, H, W, C] from an .npz (key `images`) or a .png: one image of the
+    configured size, or a grid of them as `make_grid` writes it (`padding` pixels around tiles)."""
+    if path.endswith('.npz'):
+        with np.load(path, allow_pickle=False) as f:
+            if 'images' not in f:
+                raise ValueError(f'{path} has no `images` array (it has {sorted(f.keys())})')
+            loaded = np.asarray(f['images'])
+    elif path.endswith('.png'):
+        loaded = _png_tiles(np.asarray(Image.open(path).convert('L' if channels == 1 else 'RGB')),
+                            image_size, padding, path)
+    else:
+        raise ValueError(f'{path}: images must be a .png or an .npz file')
+    if loaded.ndim == 3 and channels == 1:
+        loaded = loaded[..., None]
+    if loaded.ndim != 4 or loaded.shape[1:] != (image_size, image_size, channels):
+        raise ValueError(f'{path}: expected images of shape [N, {image_size}, {image_size}, '
+                         f'{channels}], got {loaded.shape}')
+    if loaded.dtype != np.uint8:
+        raise ValueError(f'{path}: expected uint8 images, got {loaded.dtype}')
+    return loaded
+
+
+def _png_tiles(image, size, padding, path):
+    if image.ndim == 2:
+        image = image[..., None]
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image[None]
+    if (h - padding) % (size + padding) or (w - padding) % (size + padding):
+        raise ValueError(f'{path}: a {h}x{w} image is neither one {size}x{size} image nor a grid '
+                         f'of them with {padding}-pixel padding')
+    rows, cols = (h - padding) // (size + padding), (w - padding) // (size + padding)
+    step = size + padding
+    return np.stack([image[padding + r * step:padding + r * step + size,
+                           padding + c * step:padding + c * step + size]
+                     for r in range(rows) for c in range(cols)])

@@ -13,14 +13,17 @@ from absl import flags
 from absl import logging
 
 from diffusion_jax import config_cli
+from diffusion_jax import edit
 from diffusion_jax import evaluate
 from diffusion_jax import toy
 from diffusion_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'edit'],
                   'train: train (resuming if possible), then sample; sample: samples from the '
-                  "workdir's EMA weights; eval: test bits/dim and rate-distortion.")
+                  "workdir's EMA weights; eval: test bits/dim and rate-distortion (a "
+                  'noisy_classifier run: its accuracy by t); edit: SDEdit of edit.guide images '
+                  '(or the stroke demo).')
 flags.DEFINE_integer(
     'cpu_devices', -1,
     'XLA CPU devices (used only when running on the CPU): -1 picks one per core, reduced to a '
@@ -67,8 +70,13 @@ def main(argv):
         toy.run(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'train':
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode in ('sample', 'edit') and FLAGS.config.task != 'diffusion':
+        raise app.UsageError(f'--mode={FLAGS.mode} needs a task=diffusion run, not '
+                             f'task={FLAGS.config.task!r}')
     elif FLAGS.mode == 'sample':
         evaluate.sample(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'edit':
+        edit.edit(FLAGS.config, FLAGS.workdir)
     else:
         evaluate.evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -65,18 +65,18 @@ def shard_map_grad_fn(loss_fn, mesh, *, clip_norm=None):
     """(loss, metrics), grads of `loss_fn` computed per device and averaged with `pmean`.
 
     Args:
-      loss_fn: (params, x0, t, noise, dropout_rng) -> (loss, metrics), a mean over its batch.
-      mesh: the ("data",) mesh; x0, t and noise are split over it, params replicated.
+      loss_fn: (params, batch, t, noise, rng) -> (loss, metrics), a mean over its batch.
+      mesh: the ("data",) mesh; the batch dict, t and noise are split over it, params replicated.
       clip_norm: if set, each device clips its own gradient to this global norm before the mean.
     """
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def per_device(params, x0, t, noise, dropout_rng):
+    def per_device(params, batch, t, noise, rng):
         # Marking the parameters device-varying keeps each device's gradient its own; otherwise
         # shard_map would sum them implicitly and per-replica clipping could not be expressed.
         params = jax.lax.pcast(params, DATA_AXIS, to='varying')
-        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(DATA_AXIS))
-        (loss, metrics), grads = value_and_grad(params, x0, t, noise, dropout_rng)
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
+        (loss, metrics), grads = value_and_grad(params, batch, t, noise, rng)
         if clip_norm:
             grads = _clip_by_global_norm(grads, clip_norm)
         return jax.lax.pmean(((loss, metrics), grads), DATA_AXIS)

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from diffusion_jax import schedules
 from diffusion_jax import sde as sde_lib
 from diffusion_jax import train_state as train_state_lib
 from diffusion_jax.data import pipeline as data_pipeline
+from diffusion_jax.models import NoisyClassifier
 from diffusion_jax.models import UNet
 
 
@@ -58,9 +60,21 @@ def _make_score_process(c):
                            likelihood_weighting=c.likelihood_weighting)
 
 
+TASKS = ('diffusion', 'noisy_classifier')
+
+
 def make_model(config):
-    """The U-Net of a config, after checking its output channels fit the data and the
-    parameterization (ε / x_0 / dual outputs, learned variance)."""
+    """The network of a config: for task=diffusion the U-Net, after checking its output channels
+    fit the data and the parameterization (ε / x_0 / dual outputs, learned variance); for
+    task=noisy_classifier the classifier on the U-Net's encoder."""
+    if config.task not in TASKS:
+        raise ValueError(f'Unknown task {config.task!r}; valid: {", ".join(TASKS)}')
+    if config.task == 'noisy_classifier':
+        if config.model.num_classes < 2:
+            raise ValueError('task=noisy_classifier needs model.num_classes >= 2 (the classes it '
+                             f'predicts), got {config.model.num_classes}')
+        fields = {k: v for k, v in config.model.items() if k != 'out_ch'}
+        return NoisyClassifier(**fields)
     diffusion = config.diffusion
     expected = config.data.channels * make_diffusion(diffusion).output_groups
     if config.model.out_ch != expected:
@@ -98,8 +112,9 @@ def init_params(model, config, rng):
     initializer draws about 5x faster on CPU.
     """
     shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+    kwargs = {'y': jnp.zeros((1,), jnp.int32)} if model.label_classes else {}
     return model.init({'params': rng}, jnp.zeros(shape, jnp.float32),
-                      jnp.zeros((1,), jnp.int32), train=False)['params']
+                      jnp.zeros((1,), jnp.int32), train=False, **kwargs)['params']
 
 
 def init_or_restore_state(config, model, optimizer, mesh, manager):
@@ -128,8 +143,26 @@ def init_or_restore_state(config, model, optimizer, mesh, manager):
     return state, shardings, None
 
 
+def restore_ema_params(config, workdir, mesh):
+    """(model, EMA parameters, step) of the latest checkpoint in `workdir`."""
+    model = make_model(config)
+    optimizer = train_state_lib.make_optimizer(
+        config.optim, clip=not config.training.clip_per_replica)
+    manager = checkpointing.make_manager(workdir, keep=config.training.keep_checkpoints)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: '
+                                'train first (--mode=train)')
+    state, _, _ = init_or_restore_state(config, model, optimizer, mesh, manager)
+    manager.close()
+    return model, state.ema_params, int(jax.device_get(state.step))
+
+
 def build_step(config, model, diffusion, optimizer, mesh, shardings):
-    loss_fn = losses.make_diffusion_loss(model, diffusion)
+    if config.task == 'noisy_classifier':
+        loss_fn = losses.make_classifier_loss(model, diffusion)
+    else:
+        loss_fn = losses.make_diffusion_loss(model, diffusion,
+                                             label_dropout=config.training.label_dropout)
     return parallel.build_train_step(
         loss_fn=loss_fn, optimizer=optimizer, optim_config=config.optim,
         process=diffusion, mesh=mesh, shardings=shardings,
@@ -160,34 +193,90 @@ def check_finite(step_metrics, first_step):
                     'the state was not saved, the last checkpoint is intact')
 
 
-def sample_images(config, model_apply, params, diffusion, rng, mesh, *, num_samples,
+# The fields that define q(x_t | x_0), which a guidance classifier must share with the model.
+_FORWARD_PROCESS_KEYS = ('process', 'beta_schedule', 'beta_start', 'beta_end', 'num_timesteps',
+                         'beta_min', 'beta_max', 'sigma_min', 'sigma_max')
+
+
+class Sampler(NamedTuple):
+    """The configured sampling network: `model_apply` and `guidance_fn` (jit statics, made once
+    per run) take a bundle of parameters, labels and guidance scale (`sampling.guidance`)."""
+    model_apply: Callable
+    guidance_fn: Callable | None
+    classifier_params: Any
+    num_classes: int  # Label classes (0: unconditional, unguided).
+
+
+def make_sampler(config, model, process, mesh):
+    """The `Sampler` of a config; classifier guidance restores the classifier of
+    `sampling.classifier_workdir` (its own config.json) and checks it shares the process."""
+    s = config.sampling
+    classifier = classifier_params = None
+    num_classes = model.num_classes
+    if s.guidance == 'classifier':
+        classifier_config = checkpointing.load_config(s.classifier_workdir)
+        if classifier_config.task != 'noisy_classifier':
+            raise ValueError(f'sampling.classifier_workdir={s.classifier_workdir!r} holds a '
+                             f'task={classifier_config.task!r} run, not a noisy_classifier')
+        differ = [k for k in _FORWARD_PROCESS_KEYS
+                  if classifier_config.diffusion[k] != config.diffusion[k]]
+        if differ:
+            raise ValueError('the guidance classifier was trained on another forward process: '
+                             f'diffusion.{", diffusion.".join(differ)} differ from this run\'s')
+        classifier, classifier_params, _ = restore_ema_params(
+            classifier_config, s.classifier_workdir, mesh)
+        num_classes = classifier.num_classes
+    model_apply, guidance_fn = sampling.make_sampling_model(model, process, s.guidance,
+                                                            classifier)
+    return Sampler(model_apply, guidance_fn, classifier_params, num_classes)
+
+
+def sampler_params(config, sampler, params, labels):
+    """The bundle `sampler.model_apply` and `sampler.guidance_fn` take."""
+    bundle = dict(params=params, labels=jnp.asarray(labels, jnp.int32),
+                  guidance_scale=jnp.float32(config.sampling.guidance_scale))
+    if sampler.classifier_params is not None:
+        bundle['classifier'] = sampler.classifier_params
+    return bundle
+
+
+def sample_images(config, sampler, params, diffusion, rng, mesh, *, num_samples,
                   progress=True):
-    """`num_samples` samples of the configured sampler as uint8, plus the first batch's x̂_0
-    snapshots."""
+    """`num_samples` samples of the configured sampler as uint8, their labels (int32, -1 when
+    unconditional) and the first batch's x̂_0 snapshots."""
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     batch_size = min(config.sampling.batch_size, num_samples)
     sharding = (parallel.data_sharded(mesh) if batch_size % mesh.devices.size == 0 else None)
+    num_batches = -(-num_samples // batch_size)
+    labels = np.full((num_batches * batch_size,), -1, np.int32)
+    if sampler.num_classes:
+        labels = sampling.sample_labels(config.sampling.labels, len(labels),
+                                        sampler.num_classes, jax.random.fold_in(rng, 0x1AB))
     samples, snapshots = [], None
-    for i in range(-(-num_samples // batch_size)):
-        x0, snaps = sampling.sample_batch(config.sampling, model_apply, params, diffusion,
-                                          jax.random.fold_in(rng, i), (batch_size,) + shape,
-                                          progress=progress, sharding=sharding)
+    for i in range(num_batches):
+        bundle = sampler_params(config, sampler, params,
+                                labels[i * batch_size:(i + 1) * batch_size])
+        x0, snaps = sampling.sample_batch(config.sampling, sampler.model_apply, bundle,
+                                          diffusion, jax.random.fold_in(rng, i),
+                                          (batch_size,) + shape, progress=progress,
+                                          sharding=sharding, guidance_fn=sampler.guidance_fn)
         samples.append(images.to_uint8(jax.device_get(x0)))
         if snapshots is None:
             snapshots = images.to_uint8(jax.device_get(snaps))
-    return np.concatenate(samples)[:num_samples], snapshots
+    return np.concatenate(samples)[:num_samples], labels[:num_samples], snapshots
 
 
-def write_final_samples(config, workdir, model_apply, params, diffusion, mesh):
-    """samples.npz, samples.png and progressive.png (paper Fig. 6) from the EMA weights."""
+def write_final_samples(config, workdir, sampler, params, diffusion, mesh):
+    """samples.npz (images, labels), samples.png and progressive.png (paper Fig. 6) from the
+    EMA weights."""
     rng = jax.random.fold_in(jax.random.key(config.seed), 0x5A3)
     start = time.perf_counter()
-    samples, snapshots = sample_images(config, model_apply, params, diffusion, rng, mesh,
-                                       num_samples=config.sampling.num_samples)
+    samples, labels, snapshots = sample_images(config, sampler, params, diffusion, rng, mesh,
+                                               num_samples=config.sampling.num_samples)
     logging.info('Sampled %d images in %.1f s', len(samples), time.perf_counter() - start)
     if jax.process_index() != 0:
         return samples
-    np.savez_compressed(os.path.join(workdir, 'samples.npz'), images=samples)
+    np.savez_compressed(os.path.join(workdir, 'samples.npz'), images=samples, labels=labels)
     scale = max(1, 64 // config.data.image_size)
     images.save_png(os.path.join(workdir, 'samples.png'), images.make_grid(samples), scale=scale)
     # Rows: samples; columns: x̂_0 predicted at t = T - chunk, ..., 0.
@@ -204,7 +293,9 @@ def train_and_evaluate(config, workdir):
     mesh = parallel.make_mesh()
     parallel.check_global_batch(training.batch_size, mesh)
     diffusion = make_diffusion(config.diffusion)
-    sampling.check_sampling_config(config.sampling, diffusion)
+    is_diffusion = config.task == 'diffusion'
+    if is_diffusion:
+        sampling.check_sampling_config(config.sampling, diffusion)
     model = make_model(config)
     input_pipeline = make_input_pipeline(config)
     checkpointing.save_config(workdir, config)
@@ -216,26 +307,27 @@ def train_and_evaluate(config, workdir):
     if data_state is not None:
         input_pipeline.set_state(data_state)
     base_rng = jax.random.key(config.seed)
-    model_apply = make_model_apply(model)
+    sampler = make_sampler(config, model, diffusion, mesh) if is_diffusion else None
     start_step = int(jax.device_get(state.step))
     if start_step < training.num_train_steps:
+        sample_grid_fn = is_diffusion and functools.partial(
+            _write_sample_grid, config, workdir, sampler, diffusion, mesh, writer)
         state = _train_loop(config, workdir, state, input_pipeline, mesh, manager, writer,
                             build_step(config, model, diffusion, optimizer, mesh, shardings),
-                            base_rng, functools.partial(_write_sample_grid, config, workdir,
-                                                        model_apply, diffusion, mesh, writer))
+                            base_rng, sample_grid_fn)
     manager.wait_until_finished()
     reporting.plot_loss_curve(writer.jsonl_path, os.path.join(workdir, 'loss.png'))
-    if config.sampling.num_samples > 0:
-        write_final_samples(config, workdir, model_apply, state.ema_params, diffusion, mesh)
+    if is_diffusion and config.sampling.num_samples > 0:
+        write_final_samples(config, workdir, sampler, state.ema_params, diffusion, mesh)
     writer.close()
     manager.close()
     return state
 
 
-def _write_sample_grid(config, workdir, model_apply, diffusion, mesh, writer, step, params):
+def _write_sample_grid(config, workdir, sampler, diffusion, mesh, writer, step, params):
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
-    samples, _ = sample_images(config, model_apply, params, diffusion, rng, mesh,
-                               num_samples=config.training.sample_grid_size, progress=False)
+    samples, _, _ = sample_images(config, sampler, params, diffusion, rng, mesh,
+                                  num_samples=config.training.sample_grid_size, progress=False)
     grid = images.make_grid(samples)
     writer.write_image(step, 'samples', grid)
     if jax.process_index() == 0:
@@ -271,7 +363,8 @@ def _train_loop(config, workdir, state, input_pipeline, mesh, manager, writer, s
             bar.set_postfix(loss=f'{means["loss"]:.4f}')
             pending, last_log = [], (done, time.perf_counter())
         checkpointing.save(manager, done, state, input_pipeline.get_state(), force=is_last)
-        if training.sample_every and done % training.sample_every == 0 and not is_last:
+        if (sample_grid_fn and training.sample_every and done % training.sample_every == 0
+                and not is_last):
             sample_grid_fn(done, state.ema_params)
     bar.close()
     writer.flush()

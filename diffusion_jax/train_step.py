@@ -16,9 +16,9 @@ def train_step(state, batch, base_rng, *, grad_fn, optimizer, optim_config, proc
 
     Args:
       state: `TrainState`.
-      batch: dict with `image` [B, H, W, C] in [-1, 1].
+      batch: dict with `image` [B, H, W, C] in [-1, 1] (and `label` [B] where the loss uses it).
       base_rng: the run's key.
-      grad_fn: (params, x0, t, noise, dropout_rng) -> ((loss, metrics), grads); either
+      grad_fn: (params, batch, t, noise, rng) -> ((loss, metrics), grads); either
         `jax.value_and_grad(loss_fn, has_aux=True)` or the shard_map version from `parallel`.
       optimizer: the optax transformation `state.opt_state` belongs to.
       optim_config: the `optim` config block (EMA decay, schedule).
@@ -28,10 +28,9 @@ def train_step(state, batch, base_rng, *, grad_fn, optimizer, optim_config, proc
       (new state, metrics dict of scalars).
     """
     rng = jax.random.fold_in(base_rng, state.step)
-    noise_rng, dropout_rng = jax.random.split(rng)
-    x0 = batch['image']
-    t, noise = losses.draw_timesteps_and_noise(noise_rng, x0, process)
-    (_, metrics), grads = grad_fn(state.params, x0, t, noise, dropout_rng)
+    noise_rng, loss_rng = jax.random.split(rng)
+    t, noise = losses.draw_timesteps_and_noise(noise_rng, batch['image'], process)
+    (_, metrics), grads = grad_fn(state.params, batch, t, noise, loss_rng)
     new_state = train_state_lib.apply_gradients(state, grads, optimizer, optim_config)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                    learning_rate=train_state_lib.make_lr_schedule(optim_config)(state.step))

@@ -59,7 +59,7 @@ def variant_config(base, name):
 def study_variant(base, name, workdir, step_counts, num_samples, bpd_images):
     """Trains one variant and returns its rows (one per step count)."""
     import jax
-    from diffusion_jax import evaluate, images, parallel, train
+    from diffusion_jax import images, parallel, train
     from diffusion_jax.data import pipeline as data_pipeline
     from diffusion_jax.evaluation import feature_metrics, likelihood
     config = variant_config(base, name)
@@ -68,7 +68,7 @@ def study_variant(base, name, workdir, step_counts, num_samples, bpd_images):
     train.train_and_evaluate(config, vdir)
     train_seconds = time.perf_counter() - start
     mesh = parallel.make_mesh()
-    model, params, step = evaluate.restore_ema_params(config, vdir, mesh)
+    model, params, step = train.restore_ema_params(config, vdir, mesh)
     model_apply = train.make_model_apply(model)
     diffusion = train.make_diffusion(config.diffusion)
     bpd = None
@@ -80,12 +80,13 @@ def study_variant(base, name, workdir, step_counts, num_samples, bpd_images):
             batch_size=min(config.eval.batch_size, bpd_images),
             sharding=parallel.data_sharded(mesh), timestep_chunk=config.eval.timestep_chunk)
         bpd = float(bound['total_bpd'].mean())
+    sampler = train.make_sampler(config, model, diffusion, mesh)
     rows = []
     for num_steps in step_counts:
         config.sampling.num_steps = min(num_steps, diffusion.num_timesteps)
         start = time.perf_counter()
-        samples, _ = train.sample_images(config, model_apply, params, diffusion,
-                                         jax.random.key(2), mesh, num_samples=num_samples)
+        samples, _, _ = train.sample_images(config, sampler, params, diffusion,
+                                            jax.random.key(2), mesh, num_samples=num_samples)
         row = dict(variant=name, train_steps=step, steps=config.sampling.num_steps,
                    bits_per_dim=bpd, sample_seconds=time.perf_counter() - start,
                    train_seconds=train_seconds)

@@ -51,9 +51,9 @@ def per_replica_clipping(config, model, diffusion, params, clip_norm):
     t = rng.integers(0, diffusion.num_timesteps, 16).astype(np.int32)
     noise = rng.standard_normal((16, 8, 8, 1)).astype(np.float32)
     grad_fn = jax.jit(parallel.shard_map_grad_fn(loss_fn, mesh, clip_norm=clip_norm))
-    (loss, _), grads = grad_fn(params, x0, t, noise, jax.random.key(3))
+    (loss, _), grads = grad_fn(params, {'image': x0}, t, noise, jax.random.key(3))
     value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    slices = [value_and_grad(params, x0[2 * i:2 * i + 2], t[2 * i:2 * i + 2],
+    slices = [value_and_grad(params, {'image': x0[2 * i:2 * i + 2]}, t[2 * i:2 * i + 2],
                              noise[2 * i:2 * i + 2], jax.random.key(3))
               for i in range(8)]
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])

@@ -16,7 +16,6 @@ import pytest
 from conftest import run_python
 from configs import tiny as tiny_config
 from diffusion_jax import convert
-from diffusion_jax import evaluate
 from diffusion_jax import parallel
 from diffusion_jax import pretrained
 from diffusion_jax import sampling
@@ -295,7 +294,7 @@ def test_convert_cli_then_sample_and_eval(tmp_path, data_dir):
     # The checkpoint holds the converted weights as the EMA weights.
     _, params = pretrained.load_diffusers_unet(str(source))
     config = tiny_config.get_config()
-    _, restored, step = evaluate.restore_ema_params(config, str(workdir), parallel.make_mesh())
+    _, restored, step = train.restore_ema_params(config, str(workdir), parallel.make_mesh())
     assert step == 0
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(restored))
     run_python(['-m', 'diffusion_jax.main', *common, '--mode=sample'])

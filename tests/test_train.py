@@ -120,7 +120,9 @@ def test_every_config_loads_locks_and_builds_its_model(name):
     variables = jax.eval_shape(model.init, jax.random.key(0),
                                jax.ShapeDtypeStruct((1, size, size, config.data.channels),
                                                     np.float32),
-                               jax.ShapeDtypeStruct((1,), np.int32))
+                               jax.ShapeDtypeStruct((1,), np.int32),
+                               **({'y': jax.ShapeDtypeStruct((1,), np.int32)}
+                                  if model.label_classes else {}))
     num_params = sum(x.size for x in jax.tree.leaves(variables))
     expected = {'cifar10': 35_746_307, 'celebahq': 113_673_219, 'lsun_church': 113_673_219,
                 'lsun_bedroom': 113_673_219, 'lsun_cat': 113_673_219}

@@ -48,10 +48,11 @@ def nin(features: int, *, name: str, dtype: Any, scale: float = 1.0) -> nn.Dense
                     dtype=dtype, name=name)
 
 
-def group_norm(num_groups: int, *, name: str) -> nn.GroupNorm:
-    """GroupNorm computed in float32 whatever the compute dtype, for stable statistics."""
-    return nn.GroupNorm(num_groups=num_groups, epsilon=GROUP_NORM_EPSILON, dtype=jnp.float32,
-                        name=name)
+def group_norm(num_groups: int, *, name: str, dtype: Any = jnp.float32) -> nn.GroupNorm:
+    """GroupNorm computed in at least float32 whatever the compute dtype, for stable statistics
+    (float64 stays float64, as the finite-difference tests need)."""
+    return nn.GroupNorm(num_groups=num_groups, epsilon=GROUP_NORM_EPSILON,
+                        dtype=jnp.promote_types(dtype, jnp.float32), name=name)
 
 
 def get_timestep_embedding(t: jax.Array, embedding_dim: int) -> jax.Array:
@@ -106,11 +107,11 @@ class ResnetBlock(nn.Module):
         Returns:
           [B, H, W, out_ch] features.
         """
-        h = nn.swish(group_norm(self.num_groups, name='norm1')(x))
+        h = nn.swish(group_norm(self.num_groups, name='norm1', dtype=self.dtype)(x))
         h = conv3x3(self.out_ch, name='conv1', dtype=self.dtype,
                     conv_backward=self.conv_backward)(h)
         h = h + nin(self.out_ch, name='temb_proj', dtype=self.dtype)(nn.swish(temb))[:, None, None]
-        h = nn.swish(group_norm(self.num_groups, name='norm2')(h))
+        h = nn.swish(group_norm(self.num_groups, name='norm2', dtype=self.dtype)(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         # Near-zero init (init_scale=0 in the original): each block starts as its shortcut path.
         h = conv3x3(self.out_ch, name='conv2', dtype=self.dtype, scale=0.0,
@@ -125,7 +126,7 @@ class AttnBlock(nn.Module):
 
     Attributes:
       num_groups: GroupNorm groups.
-      dtype: compute dtype (the softmax is always float32).
+      dtype: compute dtype (the softmax is in at least float32).
     """
     num_groups: int = 32
     dtype: Any = jnp.float32
@@ -141,9 +142,10 @@ class AttnBlock(nn.Module):
           [B, H, W, C] features.
         """
         B, H, W, C = x.shape
-        h = group_norm(self.num_groups, name='norm')(x)
+        h = group_norm(self.num_groups, name='norm', dtype=self.dtype)(x)
         q, k, v = (nin(C, name=n, dtype=self.dtype)(h).reshape(B, H * W, C) for n in 'qkv')
-        w = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=jnp.float32) * (C ** -0.5)
+        logits_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        w = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=logits_dtype) * (C ** -0.5)
         w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
         h = jnp.einsum('bqk,bkc->bqc', w, v).reshape(B, H, W, C)
         h = nin(C, name='proj_out', dtype=self.dtype, scale=0.0)(h)

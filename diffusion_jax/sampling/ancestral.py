@@ -13,20 +13,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
-@functools.partial(jax.jit, static_argnames=('model_apply', 'num_steps', 'clip_denoised'))
+@functools.partial(jax.jit, static_argnames=('model_apply', 'num_steps', 'clip_denoised',
+                                             'guidance_fn'))
 def reverse_steps(model_apply, params, diffusion, x_t, rng, t_start, *, num_steps,
-                  clip_denoised=True):
+                  clip_denoised=True, guidance_fn=None, known=None):
     """Runs `num_steps` ancestral steps from x_{t_start} down to x_{t_start - num_steps}.
 
     Args:
       model_apply: (params, x, t) -> model output; static, so reuse one function object.
-      params: the network's parameters.
+      params: the network's parameters (any pytree `model_apply` takes).
       diffusion: `Diffusion`.
       x_t: [B, H, W, C] at time t_start.
       rng: the sampling key.
       t_start: int scalar (traced, so chunks of equal length share one compilation).
       num_steps: reverse steps to run.
       clip_denoised: clip x̂_0 to [-1, 1].
+      guidance_fn: optional (params, x, t) -> g, the classifier guidance added as μ + Σ g.
+      known: optional dict(image=x_0 of the known pixels, mask=1 where known) (SDEdit with a
+        mask): after each step to x_{t-1} the known pixels are replaced by a fresh draw of
+        q(x_{t-1} | x_0), and by x_0 itself after the last step.
 
     Returns:
       (x after the last step, x̂_0 predicted at the last step).
@@ -35,8 +40,16 @@ def reverse_steps(model_apply, params, diffusion, x_t, rng, t_start, *, num_step
         x, _ = carry
         t_scalar = t_start - i
         t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
-        noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x.shape, x.dtype)
-        x, pred_x0 = diffusion.p_sample(model_apply(params, x, t), x, t, noise, clip_denoised)
+        step_rng = jax.random.fold_in(rng, t_scalar)
+        noise = jax.random.normal(step_rng, x.shape, x.dtype)
+        guidance = None if guidance_fn is None else guidance_fn(params, x, t)
+        x, pred_x0 = diffusion.p_sample(model_apply(params, x, t), x, t, noise, clip_denoised,
+                                        guidance)
+        if known is not None:
+            noised = diffusion.q_sample(known['image'], jnp.maximum(t - 1, 0),
+                                        jax.random.normal(jax.random.fold_in(step_rng, 1),
+                                                          x.shape, x.dtype))
+            x = keep_known(x, known, jnp.where(t_scalar > 0, noised, known['image']))
         return (x, pred_x0), None
 
     (x, pred_x0), _ = jax.lax.scan(step, (x_t, jnp.zeros_like(x_t)),
@@ -44,8 +57,13 @@ def reverse_steps(model_apply, params, diffusion, x_t, rng, t_start, *, num_step
     return x, pred_x0
 
 
+def keep_known(x, known, known_at_level):
+    """x with the pixels where known['mask'] is 1 replaced by `known_at_level`."""
+    return known['mask'] * known_at_level + (1.0 - known['mask']) * x
+
+
 def ancestral_sample(model_apply, params, diffusion, rng, shape, *, clip_denoised=True,
-                     chunk_size=None, progress=False, sharding=None):
+                     chunk_size=None, progress=False, sharding=None, guidance_fn=None):
     """Samples x_0 ~ p_θ by running the reverse process from x_T ~ N(0, I) (Algorithm 2).
 
     Args:
@@ -58,6 +76,7 @@ def ancestral_sample(model_apply, params, diffusion, rng, shape, *, clip_denoise
       chunk_size: reverse steps per jitted call (None: one scan over all T steps).
       progress: show a tqdm bar advancing per chunk.
       sharding: optional sharding of x (e.g. batch split over a data mesh).
+      guidance_fn: optional classifier guidance (see `reverse_steps`).
 
     Returns:
       (x_0 as float32 [B, H, W, C] in about [-1, 1],
@@ -68,22 +87,23 @@ def ancestral_sample(model_apply, params, diffusion, rng, shape, *, clip_denoise
         x = jax.device_put(x, sharding)
     return reverse_chain(model_apply, params, diffusion, x, rng,
                          t_start=diffusion.num_timesteps - 1, clip_denoised=clip_denoised,
-                         chunk_size=chunk_size, progress=progress)
+                         chunk_size=chunk_size, progress=progress, guidance_fn=guidance_fn)
 
 
 def reverse_chain(model_apply, params, diffusion, x_t, rng, *, t_start, clip_denoised=True,
-                  chunk_size=None, progress=False):
+                  chunk_size=None, progress=False, guidance_fn=None, known=None):
     """Runs the reverse process from x_t at time `t_start` down to x_0 in jitted chunks.
 
     The sampler starts it at x_T; interpolation (paper Fig. 8) and editing start it from a
-    noised image at an intermediate t. Arguments as in `ancestral_sample`.
+    noised image at an intermediate t. Arguments as in `ancestral_sample` and `reverse_steps`.
 
     Returns:
       (x_0, x̂_0 snapshots at the last step of each chunk).
     """
     def run_chunk(x, start, num_steps):
         return reverse_steps(model_apply, params, diffusion, x, rng, jnp.int32(t_start - start),
-                             num_steps=num_steps, clip_denoised=clip_denoised)
+                             num_steps=num_steps, clip_denoised=clip_denoised,
+                             guidance_fn=guidance_fn, known=known)
 
     return run_chunked(run_chunk, x_t, t_start + 1, chunk_size, progress=progress,
                        desc='sampling')

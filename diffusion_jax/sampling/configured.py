@@ -11,6 +11,7 @@ from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import sde as sde_lib
 from diffusion_jax.sampling import ancestral
 from diffusion_jax.sampling import ddim
+from diffusion_jax.sampling import guidance
 from diffusion_jax.sampling import langevin
 from diffusion_jax.sampling import ode
 from diffusion_jax.sampling import pc
@@ -42,27 +43,45 @@ def check_sampling_config(sampling_config, process):
                              f'{", ".join(pc.CORRECTORS)}')
         if sampling_config.predictor == 'ancestral' and isinstance(process, sde_lib.SubVPSDE):
             raise ValueError('sampling.predictor=ancestral needs a VP or VE SDE, not sub-VP')
+    if sampling_config.guidance not in guidance.GUIDANCE:
+        raise ValueError(f'Unknown sampling.guidance {sampling_config.guidance!r}; valid: '
+                         f'{", ".join(guidance.GUIDANCE)}')
+    if sampling_config.guidance != 'none' and (
+            process.output_groups != 1 or getattr(process, 'mean_type', 'eps') != 'eps'):
+        raise ValueError('guidance needs an ε-network with a fixed variance (mean_type eps, '
+                         'var_type fixedlarge or fixedsmall)')
+    if sampling_config.guidance == 'classifier':
+        if name not in ('ancestral', 'ddim'):
+            raise ValueError(f'classifier guidance runs with sampling.sampler ancestral or ddim, '
+                             f'not {name!r} (classifier-free guidance works with every sampler)')
+        if not sampling_config.classifier_workdir:
+            raise ValueError('sampling.guidance=classifier needs sampling.classifier_workdir: '
+                             'the workdir of a trained configs/*_classifier.py run')
     if name == 'ode' and sampling_config.ode_solver not in ode.SOLVERS:
         raise ValueError(f'Unknown sampling.ode_solver {sampling_config.ode_solver!r}; valid: '
                          f'{", ".join(ode.SOLVERS)}')
 
 
 def sample_batch(sampling_config, model_apply, params, process, rng, shape, *, progress=True,
-                 sharding=None):
-    """One batch from the configured sampler: (x_0, snapshots of x̂_0 along the way), float32."""
+                 sharding=None, guidance_fn=None):
+    """One batch from the configured sampler: (x_0, snapshots of x̂_0 along the way), float32.
+
+    `guidance_fn`: classifier guidance for the ancestral and DDIM samplers (`guidance`).
+    """
     check_sampling_config(sampling_config, process)
     s = sampling_config
     if s.sampler == 'ancestral':
         return ancestral.ancestral_sample(
             model_apply, params, process, rng, shape, clip_denoised=s.clip_denoised,
-            chunk_size=s.chunk_size, progress=progress, sharding=sharding)
+            chunk_size=s.chunk_size, progress=progress, sharding=sharding,
+            guidance_fn=guidance_fn)
     if s.sampler == 'ddim':
         # As many snapshots as the ancestral sampler's chunking would give over T steps.
         chunk = -(-s.num_steps * s.chunk_size // process.num_timesteps)
         return ddim.ddim_sample(
             model_apply, params, process, rng, shape, num_steps=s.num_steps, eta=s.eta,
             spacing=s.timestep_spacing, clip_denoised=s.clip_denoised, chunk_size=chunk,
-            progress=progress, sharding=sharding)
+            progress=progress, sharding=sharding, guidance_fn=guidance_fn)
     if s.sampler == 'pc':
         return pc.pc_sample(
             model_apply, params, process, rng, shape, predictor=s.predictor,

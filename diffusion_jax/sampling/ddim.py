@@ -87,8 +87,9 @@ def step_coefficients(diffusion, from_levels, to_levels, eta):
     return np.exp(0.5 * log_ab_s), eps_coef, sigma
 
 
-@functools.partial(jax.jit, static_argnames=('model_apply', 'clip_denoised'))
-def ddim_steps(model_apply, params, diffusion, x, rng, steps, *, clip_denoised=True):
+@functools.partial(jax.jit, static_argnames=('model_apply', 'clip_denoised', 'guidance_fn'))
+def ddim_steps(model_apply, params, diffusion, x, rng, steps, *, clip_denoised=True,
+               guidance_fn=None):
     """Runs DDIM steps as one `lax.scan`.
 
     Args:
@@ -100,6 +101,9 @@ def ddim_steps(model_apply, params, diffusion, x, rng, steps, *, clip_denoised=T
       steps: dict of arrays [K]: `t` (int32, where the network is evaluated and x̂_0 / ε̂ are
         formed; level -1 evaluates at 0), `sqrt_alpha_bar_to`, `eps_coef`, `sigma` (float32).
       clip_denoised: clip x̂_0 to [-1, 1].
+      guidance_fn: optional (params, x, t) -> g = s ∇ log p(y | x_t): the noise becomes
+        ε̂ - sqrt(1 - ᾱ_t) g and x̂_0 is re-derived from it (Dhariwal & Nichol 2021,
+        Algorithm 2, whose code does not clip that x̂_0 again).
 
     Returns:
       (x after the last step, x̂_0 of the last step).
@@ -109,6 +113,10 @@ def ddim_steps(model_apply, params, diffusion, x, rng, steps, *, clip_denoised=T
         t = jnp.full((x.shape[0],), jnp.maximum(s['t'], 0), jnp.int32)
         out = diffusion.p_mean_variance(model_apply(params, x, t), x, t, clip_denoised)
         eps = diffusion.predict_eps_from_x0(x, t, out['pred_x0'])
+        if guidance_fn is not None:
+            eps = eps - diffusion.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1) * (
+                guidance_fn(params, x, t))
+            out['pred_x0'] = diffusion.predict_x0_from_eps(x, t, eps)
         noise = jax.random.normal(jax.random.fold_in(rng, s['t']), x.shape, x.dtype)
         x = s['sqrt_alpha_bar_to'] * out['pred_x0'] + s['eps_coef'] * eps + s['sigma'] * noise
         return (x, out['pred_x0']), None
@@ -118,7 +126,7 @@ def ddim_steps(model_apply, params, diffusion, x, rng, steps, *, clip_denoised=T
 
 
 def _run(model_apply, params, diffusion, x, rng, from_levels, to_levels, eta, clip_denoised,
-         chunk_size, progress, desc):
+         chunk_size, progress, desc, guidance_fn=None):
     sqrt_ab, eps_coef, sigma = step_coefficients(diffusion, from_levels, to_levels, eta)
     steps = dict(t=np.asarray(from_levels, np.int32), sqrt_alpha_bar_to=sqrt_ab,
                  eps_coef=eps_coef, sigma=sigma)
@@ -127,14 +135,14 @@ def _run(model_apply, params, diffusion, x, rng, from_levels, to_levels, eta, cl
     def run_chunk(x, start, num_steps):
         chunk = {k: v[start:start + num_steps] for k, v in steps.items()}
         return ddim_steps(model_apply, params, diffusion, x, rng, chunk,
-                          clip_denoised=clip_denoised)
+                          clip_denoised=clip_denoised, guidance_fn=guidance_fn)
 
     return run_chunked(run_chunk, x, len(from_levels), chunk_size, progress=progress, desc=desc)
 
 
 def ddim_sample(model_apply, params, diffusion, rng, shape, *, num_steps, eta=0.0,
                 spacing='leading', clip_denoised=True, chunk_size=None, progress=False,
-                sharding=None, x_T=None):
+                sharding=None, x_T=None, guidance_fn=None):
     """Samples x_0 with `num_steps` DDIM steps from x_T (drawn, or given as `x_T`).
 
     Args:
@@ -145,6 +153,7 @@ def ddim_sample(model_apply, params, diffusion, rng, shape, *, num_steps, eta=0.
       spacing: see `timestep_sequence`.
       chunk_size: steps per jitted call (None: one scan); one x̂_0 snapshot per chunk.
       x_T: start from this latent (e.g. from `ddim_encode`) instead of drawing one.
+      guidance_fn: optional classifier guidance (see `ddim_steps`).
 
     Returns:
       (x_0 [B, H, W, C], x̂_0 snapshots [num_chunks, B, H, W, C]).
@@ -156,7 +165,7 @@ def ddim_sample(model_apply, params, diffusion, rng, shape, *, num_steps, eta=0.
     if sharding is not None:
         x_T = jax.device_put(x_T, sharding)
     return _run(model_apply, params, diffusion, x_T, rng, levels, np.append(levels[1:], -1), eta,
-                clip_denoised, chunk_size, progress, 'DDIM sampling')
+                clip_denoised, chunk_size, progress, 'DDIM sampling', guidance_fn)
 
 
 def ddim_encode(model_apply, params, diffusion, x0, *, num_steps, spacing='leading',

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import sde as sde_lib
+from diffusion_jax.sampling.ancestral import keep_known
 from diffusion_jax.sampling.ancestral import run_chunked
 from diffusion_jax.sde import broadcast_batch as _b
 
@@ -74,8 +75,13 @@ def corrector_step(sde, score, x, t, z, snr):
 @functools.partial(jax.jit, static_argnames=('model_apply', 'sde', 'num_steps', 'predictor',
                                              'corrector', 'n_corrector'))
 def pc_steps(model_apply, params, sde, x, rng, first, *, num_steps, predictor, corrector,
-             n_corrector, snr):
-    """Steps first .. first + num_steps - 1 of the PC sampler: (x, noise-free mean)."""
+             n_corrector, snr, known=None):
+    """Steps first .. first + num_steps - 1 of the PC sampler: (x, noise-free mean).
+
+    `known` (SDEdit with a mask, as `ancestral.reverse_steps`): after step i the known pixels
+    of x and of the mean are replaced by a draw of the marginal at the next time t_{i+1}, and by
+    the known image itself after the last step.
+    """
     times = sde.timesteps()
 
     def score_at(x, t):
@@ -93,6 +99,12 @@ def pc_steps(model_apply, params, sde, x, rng, first, *, num_steps, predictor, c
                 x, mean = corrector_step(sde, score_at(x, t), x, t, z, snr)
         elif corrector != 'none':
             raise ValueError(f'Unknown corrector {corrector!r}; valid: {", ".join(CORRECTORS)}')
+        if known is not None:
+            t_next = jnp.full((x.shape[0],), times[jnp.minimum(i + 1, sde.N - 1)], jnp.float32)
+            noised = sde.q_sample(known['image'], t_next, jax.random.normal(
+                jax.random.fold_in(step_rng, n_corrector + 1), x.shape, x.dtype))
+            noised = jnp.where(i + 1 < sde.N, noised, known['image'])
+            x, mean = keep_known(x, known, noised), keep_known(mean, known, noised)
         return (x, mean), None
 
     (x, mean), _ = jax.lax.scan(step, (x, x), first + jnp.arange(num_steps, dtype=jnp.int32))
@@ -101,8 +113,11 @@ def pc_steps(model_apply, params, sde, x, rng, first, *, num_steps, predictor, c
 
 def pc_sample(model_apply, params, sde, rng, shape, *, predictor='reverse_diffusion',
               corrector='langevin', n_corrector=1, snr=0.16, denoise=True, chunk_size=None,
-              progress=False, sharding=None, x_T=None):
+              progress=False, sharding=None, x_T=None, start_step=0, known=None):
     """Samples by predictor-corrector from the prior of `sde` (x_T = prior(fold_in(rng, N))).
+
+    `x_T` with `start_step` k starts the chain from a given state at time t_k instead (SDEdit);
+    `known` is passed to `pc_steps`.
 
     Returns:
       (x at t = ε, float32 [B, H, W, C]: the noise-free mean of the last update if `denoise`;
@@ -116,10 +131,10 @@ def pc_sample(model_apply, params, sde, rng, shape, *, predictor='reverse_diffus
         x_T = jax.device_put(x_T, sharding)
 
     def run_chunk(x, start, num_steps):
-        return pc_steps(model_apply, params, sde, x, rng, jnp.int32(start), num_steps=num_steps,
-                        predictor=predictor, corrector=corrector, n_corrector=n_corrector,
-                        snr=snr)
+        return pc_steps(model_apply, params, sde, x, rng, jnp.int32(start_step + start),
+                        num_steps=num_steps, predictor=predictor, corrector=corrector,
+                        n_corrector=n_corrector, snr=snr, known=known)
 
-    x, snapshots = run_chunked(run_chunk, x_T, sde.N, chunk_size, progress=progress,
-                               desc='PC sampling')
+    x, snapshots = run_chunked(run_chunk, x_T, sde.N - start_step, chunk_size,
+                               progress=progress, desc='PC sampling')
     return (snapshots[-1] if denoise else x), snapshots

@@ -1,0 +1,106 @@
+"""Guidance and SDEdit from the CLI on the tiny config: a class-conditional U-Net sampled with
+classifier-free guidance, a noise-aware classifier trained, evaluated and used to guide DDIM, and
+--mode=edit (the stroke demo, a PNG guide with a mask, t0 = 0)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_python
+from diffusion_jax import images
+
+
+def tiny_command(workdir, data_dir, *overrides):
+    return ['-m', 'diffusion_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+            f'--config.data.data_dir={data_dir}', '--config.sampling.num_samples=8',
+            '--config.sampling.batch_size=8', *overrides]
+
+
+CONDITIONAL = ('--config.model.num_classes=10', '--config.sampling.guidance=classifier_free',
+               '--config.sampling.guidance_scale=2')
+CLASSIFIER = ('--config.task=noisy_classifier', '--config.model.num_classes=10')
+
+
+@pytest.fixture(scope='module')
+def conditional_run(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp('cfg')
+    run_python(tiny_command(workdir, data_dir, *CONDITIONAL), fast_compiles=True)
+    return workdir
+
+
+def test_classifier_free_guidance_trains_and_samples_the_requested_labels(conditional_run):
+    with np.load(conditional_run / 'samples.npz') as f:
+        samples, labels = f['images'], f['labels']
+    assert samples.shape == (8, 8, 8, 1) and samples.std() > 0
+    np.testing.assert_array_equal(labels, np.arange(8) % 10)  # sampling.labels = cycle
+    saved = json.loads((conditional_run / 'config.json').read_text())
+    assert saved['model']['num_classes'] == 10 and saved['training']['label_dropout'] == 0.1
+
+
+def test_noisy_classifier_trains_evaluates_and_guides_ddim(tmp_path, data_dir, conditional_run):
+    classifier_dir = tmp_path / 'classifier'
+    run_python(tiny_command(classifier_dir, data_dir, *CLASSIFIER), fast_compiles=True)
+    assert not (classifier_dir / 'samples.npz').exists()
+    metrics = [json.loads(line) for line in (classifier_dir / 'metrics.jsonl').read_text()
+               .splitlines()]
+    assert 0 <= metrics[-1]['accuracy'] <= 1
+    run_python(tiny_command(classifier_dir, data_dir, *CLASSIFIER, '--mode=eval',
+                            '--config.eval.num_images=32'), fast_compiles=True)
+    accuracy = json.loads((classifier_dir / 'eval.json').read_text())['accuracy_by_t']
+    assert list(accuracy) == ['0', '5', '10', '14', '19'] and all(
+        0 <= a <= 1 for a in accuracy.values())
+    guided = tiny_command(conditional_run, data_dir, '--config.model.num_classes=10',
+                          '--mode=sample', '--config.sampling.guidance=classifier',
+                          '--config.sampling.guidance_scale=3', '--config.sampling.labels=7',
+                          f'--config.sampling.classifier_workdir={classifier_dir}',
+                          '--config.sampling.sampler=ddim', '--config.sampling.num_steps=5')
+    run_python(guided, fast_compiles=True)
+    with np.load(conditional_run / 'samples.npz') as f:
+        assert f['images'].shape == (8, 8, 8, 1) and np.all(f['labels'] == 7)
+    # A classifier of another forward process is refused by name.
+    result = run_python(guided + ['--config.diffusion.beta_end=0.05'], check=False)
+    assert result.returncode != 0
+    assert 'trained on another forward process: diffusion.beta_end differ' in result.stderr
+
+
+def test_edit_mode_stroke_demo_png_guide_with_mask_and_t0_zero(tmp_path, data_dir,
+                                                               conditional_run):
+    edit = tiny_command(conditional_run, data_dir, *CONDITIONAL, '--mode=edit',
+                        '--config.edit.num_images=4', '--config.edit.stroke_block=2')
+    run_python(edit + ['--config.edit.t0=0.5', '--config.edit.repeats=2'], fast_compiles=True)
+    with np.load(conditional_run / 'edits.npz') as f:
+        guides, edits, originals = f['guides'], f['edits'], f['originals']
+    assert edits.shape == (2, 4, 8, 8, 1) and originals.shape == (4, 8, 8, 1)
+    assert set(np.unique(guides).tolist()) <= {0, 255}  # Blocky strokes: ink or paper.
+    assert (conditional_run / 'edits.png').is_file()
+
+    rng = np.random.default_rng(0)
+    guide = rng.integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
+    mask = np.zeros((1, 8, 8, 1), np.uint8)
+    mask[:, :4] = 255  # Keep the top half.
+    images.save_png(tmp_path / 'guide.png', images.make_grid(guide, ncol=3))
+    images.save_png(tmp_path / 'mask.png', mask[0])
+    run_python(edit + [f'--config.edit.guide={tmp_path / "guide.png"}',
+                       f'--config.edit.mask={tmp_path / "mask.png"}', '--config.edit.t0=0.6'],
+               fast_compiles=True)
+    with np.load(conditional_run / 'edits.npz') as f:
+        np.testing.assert_array_equal(f['guides'], guide)
+        edited = f['edits'][0]
+    np.testing.assert_array_equal(edited[:, :4], guide[:, :4])
+    assert np.abs(edited[:, 4:].astype(int) - guide[:, 4:]).max() > 0
+    run_python(edit + [f'--config.edit.guide={tmp_path / "guide.png"}', '--config.edit.t0=0'],
+               fast_compiles=True)
+    with np.load(conditional_run / 'edits.npz') as f:
+        np.testing.assert_array_equal(f['edits'][0], guide)
+
+
+def test_guidance_settings_fail_with_a_clear_message(tmp_path, data_dir):
+    result = run_python(tiny_command(tmp_path / 'a', data_dir,
+                                     '--config.sampling.guidance=classifier'), check=False)
+    assert result.returncode != 0
+    assert 'sampling.guidance=classifier needs sampling.classifier_workdir' in result.stderr
+    result = run_python(tiny_command(tmp_path / 'b', data_dir,
+                                     '--config.sampling.guidance=classifier_free'), check=False)
+    assert result.returncode != 0
+    assert 'classifier-free guidance needs a class-conditional U-Net' in result.stderr
