@@ -87,7 +87,7 @@ def _classifier_accuracy(config, model_apply, params, process, test_images, test
     for level in levels:
         t = jax.numpy.full((len(x0),), level)
         logits = model_apply(params, process.q_sample(x0, t, noise), process.time_label(t))
-        accuracy[f'{level:.4g}'] = float(np.mean(np.argmax(logits, -1) == test_labels))
+        accuracy[f'{level:.4g}'] = float(np.mean(np.asarray(logits).argmax(-1) == test_labels))
     logging.info('Noisy-classifier test accuracy by t: %s', accuracy)
     return dict(num_images=len(x0), accuracy_by_t=accuracy)
 

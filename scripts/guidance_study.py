@@ -185,13 +185,15 @@ def edit_metrics(edited, guides, originals, labels):
                 fd_mnist5k=q['fd_mnist5k'], accuracy=q['accuracy'])
 
 
-def real_data_floor(config, n):
-    """FD-MNIST5k of n real test digits (the noise floor of the sample metrics at this n)."""
+def real_data_floor(config, n, num_subsets=8):
+    """FD-MNIST5k of n real training digits (the floor of the sample metrics at this n); not test
+    digits, which are the reference set itself."""
     import numpy as np
-    from diffusion_jax import evaluate
-    test_images, test_labels = evaluate.load_test_split(config)
-    rows = [quality(test_images[i:i + n], test_labels[i:i + n])
-            for i in range(0, len(test_images) - n + 1, n)]
+    from diffusion_jax.data import pipeline as data_pipeline
+    train_images, train_labels = data_pipeline.load_split(config.data.name, 'train',
+                                                          data_dir=config.data.data_dir)
+    rows = [quality(train_images[i * n:(i + 1) * n], train_labels[i * n:(i + 1) * n])
+            for i in range(num_subsets)]
     return dict(num_samples=n, subsets=len(rows),
                 fd_mnist5k=float(np.mean([r['fd_mnist5k'] for r in rows])),
                 fd_mnist5k_std=float(np.std([r['fd_mnist5k'] for r in rows])),
@@ -217,7 +219,7 @@ def write_report(results, grids, out_dir):
     lines += [f'| {r["t0"]:g} | {r["l2_to_guide"]:.2f} | {r["l2_to_original"]:.2f} | '
               f'{r["fd_mnist5k"]:.1f} | {r["accuracy"]:.3f} |' for r in results.get('sdedit', [])]
     floor = results['real_data_floor']
-    lines += ['', f'Real test digits, {floor["num_samples"]} at a time: FD-MNIST5k '
+    lines += ['', f'Real training digits, {floor["num_samples"]} at a time: FD-MNIST5k '
               f'{floor["fd_mnist5k"]:.1f} ± {floor["fd_mnist5k_std"]:.1f}, accuracy '
               f'{floor["accuracy"]:.3f}.']
     with open(os.path.join(out_dir, 'guidance_study.md'), 'w') as f:
