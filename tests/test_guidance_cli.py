@@ -104,3 +104,27 @@ def test_guidance_settings_fail_with_a_clear_message(tmp_path, data_dir):
                                      '--config.sampling.guidance=classifier_free'), check=False)
     assert result.returncode != 0
     assert 'classifier-free guidance needs a class-conditional U-Net' in result.stderr
+
+
+def test_guidance_study_script_runs_small(tmp_path):
+    """scripts/guidance_study.py end to end on MNIST-5k with a few steps of everything: both
+    trainings, both sweeps, SDEdit, the report and figures."""
+    workdir, docs = tmp_path / 'study', tmp_path / 'docs'
+    docs.mkdir()
+    run_python(['scripts/guidance_study.py', '--config=configs/mnist_cfg.py',
+                f'--workdir={workdir}', '--config.training.num_train_steps=10',
+                '--config.training.log_every=5', '--config.sampling.batch_size=10',
+                '--classifier_steps=10', '--num_samples=20', '--edit_images=10',
+                '--ddim_steps=2', '--t0s=0.05', '--cfg_scales=0,1', '--classifier_scales=0,2',
+                f'--docs_dir={docs}'], num_devices=2, fast_compiles=True, timeout=1500)
+    report = json.loads((docs / 'guidance_study.json').read_text())
+    assert [r['scale'] for r in report['classifier_free']] == [0.0, 1.0]
+    assert [r['scale'] for r in report['classifier']] == [0.0, 2.0]
+    assert [r['t0'] for r in report['sdedit']] == [0.0, 0.05]
+    assert report['sdedit'][0]['l2_to_guide'] == 0.0 < report['sdedit'][1]['l2_to_guide']
+    assert all(0 <= r['accuracy'] <= 1 for r in report['classifier_free'] + report['classifier'])
+    assert set(report['noisy_classifier']['accuracy_by_t']) == {'0', '250', '500', '749', '999'}
+    assert '| w | accuracy |' in (docs / 'guidance_study.md').read_text()
+    for name in ('guidance_study.png', 'guidance_cfg_samples.png',
+                 'guidance_classifier_samples.png', 'sdedit_strokes.png'):
+        assert (docs / name).stat().st_size > 1000
