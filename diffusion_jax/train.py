@@ -86,9 +86,17 @@ def make_model(config):
 
 
 def make_model_apply(model):
-    """(params, x, t) -> output in inference mode; make it once per run (it is a jit static)."""
+    """(params, x, t) -> output in inference mode; make it once per run (it is a jit static).
+
+    A class-conditional U-Net is given the null label: its unconditional branch ε(x, t, ∅), so
+    bits/dim, interpolation and encoders measure the model of p(x). Guided and conditional
+    sampling go through `make_sampler` instead.
+    """
     def model_apply(params, x, t):
-        return model.apply({'params': params}, x, t, train=False)
+        kwargs = {}
+        if getattr(model, 'label_classes', 0):
+            kwargs['y'] = jnp.full((x.shape[0],), model.label_classes, jnp.int32)
+        return model.apply({'params': params}, x, t, train=False, **kwargs)
     return model_apply
 
 

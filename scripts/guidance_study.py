@@ -87,14 +87,13 @@ class Study:
             json.dump(self.results, f, indent=2)
 
     def make_unconditional_apply(self):
-        """ε(x, t, ∅): the conditional network's null-label branch (one function object for
-        the whole study: it is a jit static argument)."""
-        import jax.numpy as jnp
-        model, null = self.model, self.model.num_classes
+        """ε(x, t, ∅), the conditional network's null-label branch, on a sampler bundle (one
+        function object for the whole study: it is a jit static argument)."""
+        from diffusion_jax import train
+        null_label_apply = train.make_model_apply(self.model)
 
         def model_apply(bundle, x, t):
-            return model.apply({'params': bundle['params']}, x, t,
-                               y=jnp.full((x.shape[0],), null, jnp.int32))
+            return null_label_apply(bundle['params'], x, t)
         return model_apply
 
     def guided_samples(self, model_apply, guidance_fn, scale):

@@ -38,6 +38,15 @@ def test_classifier_free_guidance_trains_and_samples_the_requested_labels(condit
     assert saved['model']['num_classes'] == 10 and saved['training']['label_dropout'] == 0.1
 
 
+def test_conditional_run_evaluates_its_unconditional_branch(conditional_run, data_dir):
+    run_python(tiny_command(conditional_run, data_dir, *CONDITIONAL, '--mode=eval',
+                            '--config.eval.num_images=8', '--config.eval.batch_size=8'),
+               fast_compiles=True)
+    results = json.loads((conditional_run / 'eval.json').read_text())
+    assert results['num_images'] == 8 and 0 < results['bits_per_dim'] < 1000
+    assert (conditional_run / 'interpolation.png').is_file()
+
+
 def test_noisy_classifier_trains_evaluates_and_guides_ddim(tmp_path, data_dir, conditional_run):
     classifier_dir = tmp_path / 'classifier'
     run_python(tiny_command(classifier_dir, data_dir, *CLASSIFIER), fast_compiles=True)
