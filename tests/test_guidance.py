@@ -267,6 +267,8 @@ def test_sdedit_at_t0_zero_returns_the_guide():
     assert times[k] <= 0.5 < times[k - 1]
     with pytest.raises(ValueError, match=r'edit.t0 must be in \[0, 1\]'):
         editing.start_index(diffusion, 1.5)
+    with pytest.raises(ValueError, match='edit.repeats must be a positive integer, got 0'):
+        editing.sdedit(toy_eps, params, diffusion, guide, jax.random.key(19), t0=0.5, repeats=0)
 
 
 def test_sdedit_starts_from_the_noised_guide_and_runs_the_remaining_steps():

@@ -63,6 +63,8 @@ def sdedit(model_apply, params, process, guide, rng, *, t0, mask=None, repeats=1
     Returns:
       float32 [repeats, B, H, W, C]: the output of each round.
     """
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f'edit.repeats must be a positive integer, got {repeats!r}')
     guide = jnp.asarray(guide, jnp.float32)
     if guide.ndim != 4:
         raise ValueError(f'guide images must have shape [B, H, W, C], got {guide.shape}')
