@@ -85,7 +85,16 @@ def get_config():
     training.keep_checkpoints = 3
     training.parallel = 'jit'  # jit (NamedSharding) | shard_map (per-device loss, explicit pmean).
     training.clip_per_replica = False  # shard_map only: clip per replica before the mean.
+    # Parameter sharding (FSDP, jit only): (regex, spec) pairs matched against state paths such
+    # as 'params/down_0_block_0/conv1/kernel'; spec 'data' splits an array's last axis over the
+    # devices (see diffusion_jax/parallel.py). () replicates everything (pure data parallelism).
+    training.param_sharding = ()
     training.label_dropout = 0.1  # Conditional U-Net: P(label -> null label), for CFG.
+    # A non-finite loss or gradient: fail (stop, naming the step and metric) | skip (drop the
+    # update, count it, stop after max_consecutive_skips in a row). Non-finite states are never
+    # saved either way.
+    training.nan_policy = 'fail'
+    training.max_consecutive_skips = 10
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.num_samples = 256  # Written to samples.npz / samples.png after training.

@@ -4,6 +4,7 @@ Not a run of its own; configs/celebahq.py and configs/lsun_*.py start from it.
 """
 
 from configs import default
+from diffusion_jax import parallel
 
 
 def get_config():
@@ -18,6 +19,9 @@ def get_config():
     config.diffusion.var_type = 'fixedsmall'
     config.optim.learning_rate = 2e-5
     config.training.batch_size = 64
+    # FSDP: every kernel split over the devices on its output axis (parameters, EMA and Adam
+    # moments), so the 113.7M-parameter state is not replicated on every chip.
+    config.training.param_sharding = parallel.FSDP_RULES
     config.training.sample_every = 50_000
     config.sampling.num_samples = 128
     config.sampling.batch_size = 64

@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 
 from diffusion_jax import config_cli
+from diffusion_jax import distributed
 from diffusion_jax import edit
 from diffusion_jax import evaluate
 from diffusion_jax import toy
@@ -29,6 +30,14 @@ flags.DEFINE_integer(
     'XLA CPU devices (used only when running on the CPU): -1 picks one per core, reduced to a '
     'divisor of the batch sizes; 0 leaves the XLA default (one multi-threaded device).')
 flags.DEFINE_bool('cpu_fast_math', True, 'XLA CPU fast math (NaN and Inf are still honoured).')
+flags.DEFINE_enum('distributed', 'auto', list(distributed.MODES),
+                  'Join a multi-host JAX cluster with jax.distributed.initialize(): on (a TPU pod; '
+                  'every host runs the same command), off (Colab, one host), auto (on when libtpu '
+                  'is installed or a coordinator address is given).')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for clusters JAX does not detect by itself.')
+flags.DEFINE_integer('num_processes', None, 'Processes in the cluster (with coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 
 
 def configure_cpu_backend(config, cpu_devices, fast_math):
@@ -61,6 +70,8 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     config_cli.setup_logging()
     configure_cpu_backend(FLAGS.config, FLAGS.cpu_devices, FLAGS.cpu_fast_math)
+    distributed.initialize(FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     logging.info('JAX process %d of %d, local devices %s', jax.process_index(),
                  jax.process_count(), jax.local_devices())
     if FLAGS.config.data.name == toy.DATA_NAME:

@@ -1,4 +1,4 @@
-"""Meshes, shardings, global batches and the two data-parallel train-step builders.
+"""Meshes, shardings (incl. FSDP parameter sharding), global batches and the two train steps.
 
 'jit': the step is `jax.jit` with `NamedSharding`s over a ("data",) mesh; XLA partitions the
   global-batch mean loss (the "pjit" mode).
@@ -6,9 +6,28 @@
   clips it (the original TPU code clipped per replica before the cross-replica mean), and the
   gradients are averaged with an explicit `pmean`.
 The two give the same update when clipping the averaged gradient; only this module knows meshes.
+
+FSDP (ZeRO-3-like): `state_shardings(..., rules)` can split parameters, their EMA and the Adam
+moments over the same ("data",) axis; under 'jit', XLA inserts the collectives (all-gathers of
+the parameters where the step uses them). Rules are data, a tuple of (regex, spec) pairs:
+
+  regex: `re.search`ed against the leaf's '/'-joined path in the state, e.g.
+    'params/down_0_block_0/conv1/kernel', 'ema_params/...', 'opt_state/1/0/mu/.../kernel', so
+    one rule shards a parameter, its EMA and its moments alike. The first matching rule wins;
+    unmatched leaves and scalars (step, Adam's count) are replicated.
+  spec: a comma-separated PartitionSpec aligned to the array's trailing axes: 'data' splits the
+    last axis (the output channels of HWIO conv and (in, out) dense kernels), 'data,None' the
+    second-to-last; 'None' or '' leaves an axis whole ('None' alone replicates: an exception
+    placed before a broader rule).
+
+A malformed rule raises ValueError naming it. A leaf whose chosen axis is not divisible by the
+mesh axis size (or that has too few axes) stays replicated: one log line per call lists them.
+'shard_map' takes replicated parameters: sharding rules need 'jit'.
 """
 
 import functools
+import logging
+import re
 
 import jax
 import numpy as np
@@ -37,9 +56,80 @@ def data_sharded(mesh):
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def state_shardings(abstract_state, mesh):
-    """Shardings for every leaf of the train state: replicated (pure data parallelism)."""
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+# Every kernel (conv HWIO, dense IO) split on its output axis; biases and norm scales replicated.
+# A kernel with too few outputs for the mesh (the 3-channel conv_out) falls back to replicated.
+FSDP_RULES = ((r'(^|/)kernel$', DATA_AXIS),)
+
+
+def parse_rules(rules, axis_names=(DATA_AXIS,)):
+    """[(compiled regex, spec entries)] from (regex, spec) pairs; ValueError naming a bad rule."""
+    parsed = []
+    for rule in rules or ():
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+            raise ValueError(f'sharding rule {rule!r} is not a (regex, spec) pair')
+        pattern, spec = rule
+        try:
+            regex = re.compile(pattern)
+        except (TypeError, re.error) as e:
+            raise ValueError(f'sharding rule {rule!r}: bad regex: {e}') from None
+        if not isinstance(spec, str):
+            raise ValueError(f'sharding rule {rule!r}: the spec must be a string like '
+                             f'{DATA_AXIS!r} or "{DATA_AXIS},None"')
+        entries = tuple(None if e.strip() in ('', 'None') else e.strip() for e in spec.split(','))
+        named = [e for e in entries if e is not None]
+        unknown = sorted(set(named) - set(axis_names))
+        if unknown or len(named) != len(set(named)):
+            raise ValueError(f'sharding rule {rule!r}: spec entries must be mesh axes '
+                             f'{tuple(axis_names)} (each at most once) or None; got {spec!r}')
+        parsed.append((regex, entries))
+    return parsed
+
+
+def _leaf_spec(shape, entries, mesh):
+    """The PartitionSpec of `entries` right-aligned to `shape`; None when it does not fit."""
+    while entries and entries[0] is None:
+        entries = entries[1:]  # Leading Nones never need an axis.
+    if len(entries) > len(shape):
+        return None
+    aligned = (None,) * (len(shape) - len(entries)) + tuple(entries)
+    if any(name is not None and size % mesh.shape[name]
+           for size, name in zip(shape, aligned)):
+        return None
+    return P(*aligned) if any(aligned) else P()
+
+
+def state_shardings(abstract_state, mesh, rules=()):
+    """Shardings for every leaf of the train state (arrays or ShapeDtypeStructs).
+
+    With no rules, everything is replicated (pure data parallelism); see the module docstring
+    for `rules` (e.g. `FSDP_RULES`).
+    """
+    parsed = parse_rules(rules, mesh.axis_names)
+    fallbacks = []
+
+    def leaf_sharding(path, leaf):
+        name = jax.tree_util.keystr(path, simple=True, separator='/')
+        shape = np.shape(leaf)
+        entries = next((e for regex, e in parsed if regex.search(name)), None)
+        if not shape or entries is None:
+            return replicated(mesh)
+        spec = _leaf_spec(shape, entries, mesh)
+        if spec is None:
+            fallbacks.append(f'{name} {shape}')
+            return replicated(mesh)
+        return NamedSharding(mesh, spec)
+
+    shardings = jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
+    if fallbacks:
+        logging.info('Sharding rules: %d leaves replicated (axis not divisible by the mesh %s, '
+                     'or too few axes): %s', len(fallbacks), dict(mesh.shape),
+                     ', '.join(fallbacks))
+    return shardings
+
+
+def is_replicated(shardings):
+    """Whether every sharding in the tree leaves every axis whole."""
+    return all(not any(s.spec) for s in jax.tree.leaves(shardings))
 
 
 def check_global_batch(global_batch_size, mesh):
@@ -88,7 +178,7 @@ def shard_map_grad_fn(loss_fn, mesh, *, clip_norm=None):
 
 
 def build_train_step(*, loss_fn, optimizer, optim_config, process, mesh, shardings,
-                     mode='jit', clip_per_replica=False):
+                     mode='jit', clip_per_replica=False, skip_nonfinite=False):
     """The jitted, donating train step (state, batch, base_rng) -> (state, metrics).
 
     Args:
@@ -96,20 +186,25 @@ def build_train_step(*, loss_fn, optimizer, optim_config, process, mesh, shardin
       optimizer: must not clip again when `clip_per_replica` (see `make_optimizer(clip=False)`).
       optim_config, process: passed to `train_step.train_step`.
       mesh: the ("data",) mesh.
-      shardings: the train state's shardings (`state_shardings`).
+      shardings: the train state's shardings (`state_shardings`); sharded ones need 'jit'.
       mode: 'jit' or 'shard_map'.
       clip_per_replica: shard_map only; clip each replica's gradient to optim_config.grad_clip.
+      skip_nonfinite: drop non-finite updates (see `train_step.train_step`).
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f'Unknown parallel mode {mode!r}; valid: {", ".join(PARALLEL_MODES)}')
     if clip_per_replica and mode != 'shard_map':
         raise ValueError("clip_per_replica needs training.parallel='shard_map'")
+    if mode == 'shard_map' and not is_replicated(shardings):
+        raise ValueError("sharded parameters (FSDP rules, training.param_sharding) need "
+                         "training.parallel='jit': shard_map takes replicated parameters")
     if mode == 'jit':
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     else:
         grad_fn = shard_map_grad_fn(
             loss_fn, mesh, clip_norm=optim_config.grad_clip if clip_per_replica else None)
     step = functools.partial(train_step_lib.train_step, grad_fn=grad_fn, optimizer=optimizer,
-                             optim_config=optim_config, process=process)
+                             optim_config=optim_config, process=process,
+                             skip_nonfinite=skip_nonfinite)
     return jax.jit(step, in_shardings=(shardings, data_sharded(mesh), replicated(mesh)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)

@@ -12,12 +12,18 @@ class MetricWriter:
     """Scalars and images to TensorBoard event files in `logdir`, plus the Python log.
 
     Scalars also go to `logdir/metrics.jsonl` (one JSON object per write) for plots and tests.
+    With `resume_step`, rows after that step (written by a run that crashed before its next
+    checkpoint, and about to be recomputed) are dropped, so the file stays one curve.
     """
 
-    def __init__(self, logdir):
+    def __init__(self, logdir, *, resume_step=None):
         self._writer = None
         self.jsonl_path = os.path.join(logdir, 'metrics.jsonl')
         if jax.process_index() == 0:
+            if resume_step is not None and os.path.exists(self.jsonl_path):
+                rows = [r for r in read_metrics(self.jsonl_path) if r['step'] <= resume_step]
+                with open(self.jsonl_path, 'w') as f:
+                    f.writelines(json.dumps(r) + '\n' for r in rows)
             from tensorboardX import SummaryWriter  # Imported here: only process 0 writes.
             self._writer = SummaryWriter(logdir)
 

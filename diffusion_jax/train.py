@@ -16,10 +16,12 @@ from tqdm.auto import tqdm
 
 from diffusion_jax import checkpointing
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import distributed
 from diffusion_jax import images
 from diffusion_jax import losses
 from diffusion_jax import parallel
 from diffusion_jax import reporting
+from diffusion_jax import safeguards
 from diffusion_jax import sampling
 from diffusion_jax import schedules
 from diffusion_jax import sde as sde_lib
@@ -103,8 +105,9 @@ def make_model_apply(model):
 def make_input_pipeline(config):
     """The training split of the configured dataset as a resumable per-process iterator."""
     data = config.data
-    train_images, train_labels = data_pipeline.load_split(
-        data.name, 'train', data_dir=data.data_dir, manual_dir=data.manual_dir)
+    train_images, train_labels = distributed.process_zero_first(
+        lambda: data_pipeline.load_split(data.name, 'train', data_dir=data.data_dir,
+                                         manual_dir=data.manual_dir), 'prepare the dataset')
     data_pipeline.check_images(train_images, image_size=data.image_size, channels=data.channels)
     return data_pipeline.InputPipeline(
         train_images, train_labels, global_batch_size=config.training.batch_size,
@@ -125,10 +128,11 @@ def init_params(model, config, rng):
                       jnp.zeros((1,), jnp.int32), train=False, **kwargs)['params']
 
 
-def init_or_restore_state(config, model, optimizer, mesh, manager):
+def init_or_restore_state(config, model, optimizer, mesh, manager, *, quarantine_dir=None):
     """The sharded train state and the pipeline position: restored if a checkpoint exists.
 
-    With `manager=None` the state is always freshly initialised.
+    With `manager=None` the state is always freshly initialised. A corrupt checkpoint falls back
+    to the previous one (see `checkpointing.restore_latest`, which `quarantine_dir` is passed to).
 
     Returns:
       (state, shardings, data_state or None).
@@ -138,11 +142,13 @@ def init_or_restore_state(config, model, optimizer, mesh, manager):
 
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
     abstract_state = jax.eval_shape(init, init_rng)  # Shapes only: nothing is allocated.
-    shardings = parallel.state_shardings(abstract_state, mesh)
+    shardings = parallel.state_shardings(abstract_state, mesh,
+                                         rules=config.training.param_sharding)
     num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logging.info('U-Net with %s parameters', f'{num_params:,}')
     restored = None if manager is None else checkpointing.restore_latest(
-        manager, checkpointing.abstract_with_shardings(abstract_state, shardings))
+        manager, checkpointing.abstract_with_shardings(abstract_state, shardings),
+        quarantine_dir=quarantine_dir)
     if restored is not None:
         state, data_state, _ = restored
         return state, shardings, data_state
@@ -174,7 +180,8 @@ def build_step(config, model, diffusion, optimizer, mesh, shardings):
     return parallel.build_train_step(
         loss_fn=loss_fn, optimizer=optimizer, optim_config=config.optim,
         process=diffusion, mesh=mesh, shardings=shardings,
-        mode=config.training.parallel, clip_per_replica=config.training.clip_per_replica)
+        mode=config.training.parallel, clip_per_replica=config.training.clip_per_replica,
+        skip_nonfinite=config.training.nan_policy == 'skip')
 
 
 def compile_step(step_fn, state, batch, rng):
@@ -184,21 +191,6 @@ def compile_step(step_fn, state, batch, rng):
     compiled = step_fn.lower(state, batch, rng).compile()
     logging.info('Compiled the train step in %.1f s', time.perf_counter() - start)
     return compiled
-
-
-def check_finite(step_metrics, first_step):
-    """Raises FloatingPointError naming the first step and metric that is not finite.
-
-    Args:
-      step_metrics: host (NumPy) metric dicts of consecutive steps.
-      first_step: the step count before the first of them.
-    """
-    for offset, metrics in enumerate(step_metrics):
-        for name, value in sorted(metrics.items()):
-            if not np.all(np.isfinite(value)):
-                raise FloatingPointError(
-                    f'non-finite {name} ({value}) at step {first_step + offset + 1}; '
-                    'the state was not saved, the last checkpoint is intact')
 
 
 # The fields that define q(x_t | x_0), which a guidance classifier must share with the model.
@@ -268,9 +260,9 @@ def sample_images(config, sampler, params, diffusion, rng, mesh, *, num_samples,
                                           diffusion, jax.random.fold_in(rng, i),
                                           (batch_size,) + shape, progress=progress,
                                           sharding=sharding, guidance_fn=sampler.guidance_fn)
-        samples.append(images.to_uint8(jax.device_get(x0)))
+        samples.append(images.to_uint8(distributed.to_host(x0)))
         if snapshots is None:
-            snapshots = images.to_uint8(jax.device_get(snaps))
+            snapshots = images.to_uint8(distributed.to_host(snaps))
     return np.concatenate(samples)[:num_samples], labels[:num_samples], snapshots
 
 
@@ -305,31 +297,51 @@ def train_and_evaluate(config, workdir):
     if is_diffusion:
         sampling.check_sampling_config(config.sampling, diffusion)
     model = make_model(config)
+    safeguards.NanGuard(training.nan_policy, training.max_consecutive_skips)  # Checks the names.
     input_pipeline = make_input_pipeline(config)
-    checkpointing.save_config(workdir, config)
-    writer = reporting.MetricWriter(workdir)
     manager = checkpointing.make_manager(workdir, keep=training.keep_checkpoints,
                                          save_interval_steps=training.checkpoint_every)
+    try:
+        state, preempted, sampler, writer = _restore_and_train(
+            config, workdir, mesh, diffusion, model, input_pipeline, manager)
+        manager.wait_until_finished()
+        reporting.plot_loss_curve(writer.jsonl_path, os.path.join(workdir, 'loss.png'))
+        if preempted:
+            logging.warning('Preempted: saved step %d; run the same command again to resume',
+                            int(jax.device_get(state.step)))
+        elif is_diffusion and config.sampling.num_samples > 0:
+            write_final_samples(config, workdir, sampler, state.ema_params, diffusion, mesh)
+        writer.close()
+    finally:  # Also on errors: a save already under way completes instead of being cut off.
+        manager.wait_until_finished()
+        manager.close()
+    return state
+
+
+def _restore_and_train(config, workdir, mesh, diffusion, model, input_pipeline, manager):
+    """(state, preempted, sampler, writer) after training to num_train_steps or a preemption."""
+    training = config.training
+    is_diffusion = config.task == 'diffusion'
     optimizer = train_state_lib.make_optimizer(config.optim, clip=not training.clip_per_replica)
-    state, shardings, data_state = init_or_restore_state(config, model, optimizer, mesh, manager)
+    state, shardings, data_state = init_or_restore_state(
+        config, model, optimizer, mesh, manager,
+        quarantine_dir=os.path.join(workdir, 'corrupt_checkpoints'))
     if data_state is not None:
         input_pipeline.set_state(data_state)
-    base_rng = jax.random.key(config.seed)
-    sampler = make_sampler(config, model, diffusion, mesh) if is_diffusion else None
+    # Written only now: a run refused above (another model's checkpoint) keeps its config.json.
+    checkpointing.save_config(workdir, config)
     start_step = int(jax.device_get(state.step))
+    writer = reporting.MetricWriter(workdir, resume_step=start_step)
+    sampler = make_sampler(config, model, diffusion, mesh) if is_diffusion else None
+    preempted = False
     if start_step < training.num_train_steps:
         sample_grid_fn = is_diffusion and functools.partial(
             _write_sample_grid, config, workdir, sampler, diffusion, mesh, writer)
-        state = _train_loop(config, workdir, state, input_pipeline, mesh, manager, writer,
-                            build_step(config, model, diffusion, optimizer, mesh, shardings),
-                            base_rng, sample_grid_fn)
-    manager.wait_until_finished()
-    reporting.plot_loss_curve(writer.jsonl_path, os.path.join(workdir, 'loss.png'))
-    if is_diffusion and config.sampling.num_samples > 0:
-        write_final_samples(config, workdir, sampler, state.ema_params, diffusion, mesh)
-    writer.close()
-    manager.close()
-    return state
+        state, preempted = _train_loop(
+            config, state, input_pipeline, mesh, manager, writer,
+            build_step(config, model, diffusion, optimizer, mesh, shardings),
+            jax.random.key(config.seed), sample_grid_fn)
+    return state, preempted, sampler, writer
 
 
 def _write_sample_grid(config, workdir, sampler, diffusion, mesh, writer, step, params):
@@ -342,38 +354,45 @@ def _write_sample_grid(config, workdir, sampler, diffusion, mesh, writer, step, 
         images.save_png(os.path.join(workdir, 'sample_grids', f'step_{step:08d}.png'), grid)
 
 
-def _train_loop(config, workdir, state, input_pipeline, mesh, manager, writer, step_fn,
-                base_rng, sample_grid_fn):
+def _train_loop(config, state, input_pipeline, mesh, manager, writer, step_fn, base_rng,
+                sample_grid_fn):
+    """Steps until num_train_steps or a preemption; returns (state, preempted)."""
     training = config.training
     start_step = int(jax.device_get(state.step))
     batch = parallel.make_global_batch(input_pipeline.next(), mesh)
     step_fn = compile_step(step_fn, state, batch, base_rng)
+    nan_guard = safeguards.NanGuard(training.nan_policy, training.max_consecutive_skips)
     pending, last_log = [], (start_step, time.perf_counter())
     bar = tqdm(total=training.num_train_steps, initial=start_step, desc='training', unit='step',
                disable=jax.process_index() != 0)
-    for step in range(start_step, training.num_train_steps):
-        if step > start_step:
-            batch = parallel.make_global_batch(input_pipeline.next(), mesh)
-        state, metrics = step_fn(state, batch, base_rng)
-        pending.append(metrics)
-        done = step + 1
-        bar.update(1)
-        is_last = done == training.num_train_steps
-        if done % training.log_every == 0 or is_last or manager.should_save(done):
-            pending = jax.device_get(pending)
-            check_finite(pending, done - len(pending))
-            means = {k: np.mean([m[k] for m in pending]) for k in pending[0]}
-            elapsed = time.perf_counter() - last_log[1]
-            steps_per_sec = (done - last_log[0]) / max(elapsed, 1e-9)
-            means.update(steps_per_sec=steps_per_sec,
-                         images_per_sec=steps_per_sec * training.batch_size)
-            writer.write_scalars(done, means)
-            bar.set_postfix(loss=f'{means["loss"]:.4f}')
-            pending, last_log = [], (done, time.perf_counter())
-        checkpointing.save(manager, done, state, input_pipeline.get_state(), force=is_last)
-        if (sample_grid_fn and training.sample_every and done % training.sample_every == 0
-                and not is_last):
-            sample_grid_fn(done, state.ema_params)
+    preempted = False
+    with safeguards.PreemptionWatch() as preemption:
+        for step in range(start_step, training.num_train_steps):
+            if step > start_step:
+                batch = parallel.make_global_batch(input_pipeline.next(), mesh)
+            state, metrics = step_fn(state, batch, base_rng)
+            pending.append(metrics)
+            done = step + 1
+            bar.update(1)
+            preempted = preemption.reached(done, manager)
+            is_last = done == training.num_train_steps or preempted
+            if done % training.log_every == 0 or is_last or manager.should_save(done):
+                pending = jax.device_get(pending)
+                means = nan_guard.check(pending, done - len(pending))
+                elapsed = time.perf_counter() - last_log[1]
+                steps_per_sec = (done - last_log[0]) / max(elapsed, 1e-9)
+                means.update(steps_per_sec=steps_per_sec,
+                             images_per_sec=steps_per_sec * training.batch_size)
+                writer.write_scalars(done, means)
+                if 'loss' in means:
+                    bar.set_postfix(loss=f'{means["loss"]:.4f}')
+                pending, last_log = [], (done, time.perf_counter())
+            checkpointing.save(manager, done, state, input_pipeline.get_state(), force=is_last)
+            if preempted:
+                break
+            if (sample_grid_fn and training.sample_every and done % training.sample_every == 0
+                    and not is_last):
+                sample_grid_fn(done, state.ema_params)
     bar.close()
     writer.flush()
-    return state
+    return state, preempted
