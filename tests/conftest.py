@@ -34,13 +34,19 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp('tfds'))
 
 
-def run_python(args, *, num_devices=1, timeout=900, check=True, cwd=ROOT, fast_compiles=False):
-    """Runs `python args...` in a subprocess with `num_devices` fake CPU devices; with
+def python_env(*, num_devices=1, fast_compiles=False, **extra):
+    """The environment of a test subprocess: `num_devices` fake CPU devices; with
     `fast_compiles`, XLA optimizations off (as the fixture of that name)."""
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), PYTHONPATH=str(ROOT), **extra)
     if fast_compiles:
         env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = 'true'
     env.pop('XLA_FLAGS', None)
+    return env
+
+
+def run_python(args, *, num_devices=1, timeout=900, check=True, cwd=ROOT, fast_compiles=False):
+    """Runs `python args...` in a subprocess (environment: `python_env`)."""
+    env = python_env(num_devices=num_devices, fast_compiles=fast_compiles)
     result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:
