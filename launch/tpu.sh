@@ -8,9 +8,12 @@
 #            EXTRA ARGS are more gcloud flags
 #   status   describe the queued resource (QUEUED=1) or the TPU VM
 #   setup    copy this checkout (or clone REPO_URL) to every worker, make a venv, install
-#            jax[tpu] and this package
+#            jax[tpu] and this package; then, if BUCKET is set, what `mount` does
+#   mount    install gcsfuse if missing and mount BUCKET at MOUNT on every worker (skipped
+#            where it is mounted already): the shared WORKDIR of a multi-host slice
 #   data     put CIFAR10_ARCHIVE (a local file or gs:// URL) into DATA_DIR on every worker
-#   train    start the training command on every worker under nohup (one log per worker);
+#   train    start the training command on every worker under nohup (one log per worker),
+#            after checking that MOUNT is mounted if WORKDIR is under it;
 #            EXTRA ARGS go to python -m diffusion_jax.main
 #   logs     follow worker WORKER's log (WORKER=all: the last lines of every worker's log)
 #   stop     SIGTERM the trainer on every worker (it checkpoints and exits), SIGKILL after
@@ -25,10 +28,15 @@
 # launch/config.example.env; docs/tpu_pod.md walks through a whole run.
 set -euo pipefail
 
-COMMANDS='create status setup data train logs stop delete ssh'
+COMMANDS='create status setup mount data train logs stop delete ssh'
 # The TPU build of the JAX that setup.cfg pins (tests/test_launch.py checks they agree).
 JAX_TPU='jax[tpu]==0.10.2'
 LIBTPU_RELEASES='https://storage.googleapis.com/jax-releases/libtpu_releases.html'
+# gcsfuse mount flags. Orbax commits a checkpoint by renaming its temporary directory, and
+# gcsfuse renames a directory of a (flat namespace) bucket only if it has fewer descendants than
+# --rename-dir-limit, which is 0 by default; --implicit-dirs shows directories that exist only as
+# object name prefixes (e.g. copied in with gcloud storage cp).
+GCSFUSE_FLAGS='--implicit-dirs --rename-dir-limit=100000'
 
 here=${BASH_SOURCE[0]}
 [[ $here == */* ]] || here=./$here
@@ -123,9 +131,11 @@ done
 : "${DRY_RUN:=0}" "${QUEUED:=1}" "${CAPACITY:=on-demand}" "${QUEUED_RESOURCE:=${TPU_NAME-}-qr}"
 : "${RUNTIME_VERSION:=tpu-ubuntu2204-base}" "${REMOTE_DIR:=diffusion_jax}" "${PYTHON:=python3.11}"
 : "${REPO_REF:=main}" "${DATA_DIR:=data/cifar10}" "${CONFIG:=configs/cifar10.py}"
-: "${STOP_TIMEOUT:=120}"
+: "${STOP_TIMEOUT:=120}" "${MOUNT:=/mnt/ddpm}" "${SHARED_WORKDIR:=0}"
 NAME_RE='^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$'
 HOME_PATH_RE='^[A-Za-z0-9_][A-Za-z0-9_./-]*$'
+BUCKET_RE='^[a-z0-9][-_.a-z0-9]{1,61}[a-z0-9]$'  # A bucket's name, without gs://.
+MOUNT_RE='^(/[A-Za-z0-9_][A-Za-z0-9_.-]*)+$'     # Absolute; no . or .. components.
 require DRY_RUN '^[01]$' 1
 require TPU_NAME "$NAME_RE" ddpm-v3-32
 require ZONE '^[a-z]+-[a-z]+[0-9]+-[a-z]$' europe-west4-a
@@ -149,6 +159,14 @@ case $cmd in
                 https://github.com/you/diffusion_jax.git
             require REPO_REF '^[A-Za-z0-9_][A-Za-z0-9_./-]*$' main
         fi
+        if [[ -n ${BUCKET-} ]]; then
+            require BUCKET "$BUCKET_RE" my-bucket
+            require MOUNT "$MOUNT_RE" /mnt/ddpm
+        fi
+        ;;
+    mount)
+        require BUCKET "$BUCKET_RE" my-bucket
+        require MOUNT "$MOUNT_RE" /mnt/ddpm
         ;;
     data)
         require DATA_DIR "$HOME_PATH_RE" data/cifar10
@@ -159,17 +177,36 @@ case $cmd in
         ;;
     train)
         require REMOTE_DIR "$HOME_PATH_RE" diffusion_jax
-        require WORKDIR '^(gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/[^[:space:]]*)?|/[^[:space:]]*)$' \
-            gs://my-bucket/ddpm-cifar10
+        require ACCELERATOR_TYPE '^v[0-9]+[a-z]*-[0-9]+$' v3-32
+        require MOUNT "$MOUNT_RE" /mnt/ddpm
+        require SHARED_WORKDIR '^[01]$' 1
+        [[ -z ${BUCKET-} ]] || require BUCKET "$BUCKET_RE" my-bucket
+        example=$MOUNT/cifar10-run1
+        if [[ ${WORKDIR-} =~ ^gs://([^/]*)/*(.*)$ ]]; then
+            example=$MOUNT/${BASH_REMATCH[2]:-cifar10-run1}
+            die "WORKDIR=$WORKDIR: the trainer writes WORKDIR with plain file I/O, so a gs:// URL" \
+                "does not work: set BUCKET=${BASH_REMATCH[1]:-my-bucket} and use a path under" \
+                "MOUNT=$MOUNT, where \`launch/tpu.sh mount\` mounts the bucket with gcsfuse," \
+                "e.g. WORKDIR=${example%/}"
+        fi
+        require WORKDIR '^(/[^/[:space:]]+)+$' "$example"
+        [[ $WORKDIR/ != */../* && $WORKDIR/ != */./* ]] \
+            || die "WORKDIR=$WORKDIR: give it without . or .. components, e.g. WORKDIR=$example"
+        under_mount=0
+        [[ $WORKDIR != "$MOUNT"/* ]] || under_mount=1
+        # More than 8 cores (v2-v4, v5p) or chips (v5e, v6e) means more than one host, and every
+        # host writes its part of each checkpoint into the same WORKDIR.
+        if [[ $ACCELERATOR_TYPE =~ -([0-9]+)$ ]] && ((BASH_REMATCH[1] > 8)) \
+            && [[ $SHARED_WORKDIR == 0 ]]; then
+            ((under_mount)) || die "WORKDIR=$WORKDIR is not under MOUNT=$MOUNT: on" \
+                "$ACCELERATOR_TYPE (several hosts) every worker must see the same WORKDIR: set" \
+                "BUCKET and use a path under MOUNT, where \`launch/tpu.sh mount\` mounts the" \
+                "bucket on every worker (e.g. WORKDIR=$example), or set SHARED_WORKDIR=1 if" \
+                "WORKDIR is on storage that every worker mounts already (Filestore, NFS)"
+            require BUCKET "$BUCKET_RE" my-bucket
+        fi
         require CONFIG '^configs/[A-Za-z0-9_]+\.py(:[A-Za-z0-9_]+)?$' configs/cifar10.py
         require DATA_DIR "$HOME_PATH_RE" data/cifar10
-        # More than 8 cores (v2-v4, v5p) or chips (v5e, v6e) means more than one host.
-        if [[ $WORKDIR == /* && ${ACCELERATOR_TYPE-} =~ -([0-9]+)$ ]] && ((BASH_REMATCH[1] > 8))
-        then
-            printf 'launch/tpu.sh: warning: WORKDIR=%s is a path, but %s has several hosts: %s\n' \
-                "$WORKDIR" "$ACCELERATOR_TYPE" \
-                'all workers must see the same checkpoints (a gs:// path or a shared mount)' >&2
-        fi
         ;;
     logs | ssh)
         require REMOTE_DIR "$HOME_PATH_RE" diffusion_jax
@@ -191,6 +228,33 @@ fi
 # ---- the commands
 flags=(--zone="$ZONE" --project="$PROJECT")
 repo=\~/$REMOTE_DIR  # On the workers; their shell expands the ~.
+apt='sudo apt-get -o DPkg::Lock::Timeout=600'  # Waits while unattended upgrades run.
+
+# What `mount` runs on each worker: gcsfuse from Google's apt repository (gcsfuse-CODENAME,
+# signed with the packages.cloud.google.com key) if it is missing, then the mount unless MOUNT is
+# a mount point already. BUCKET and MOUNT match BUCKET_RE and MOUNT_RE: nothing to quote.
+mount_command() {
+    local keyring=/usr/share/keyrings/cloud.google.asc install mount
+    local source="deb [signed-by=$keyring] https://packages.cloud.google.com/apt"
+    source+=" gcsfuse-\$(lsb_release -c -s) main"
+    install=(
+        "echo \"$source\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null"
+        "sudo curl -fsSL -o $keyring https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+        "$apt update"
+        "$apt install -y gcsfuse"
+    )
+    mount=(
+        "sudo mkdir -p $MOUNT"
+        "sudo chown \"\$(id -un)\" $MOUNT"
+        "gcsfuse $GCSFUSE_FLAGS $BUCKET $MOUNT"
+    )
+    printf -v install '%s; ' "${install[@]}"
+    printf -v mount '%s; ' "${mount[@]}"
+    printf 'set -e; if ! command -v gcsfuse >/dev/null; then %sfi; ' "$install"
+    printf 'if mountpoint -q %s; then echo "%s: %s is mounted already"; else %sfi\n' \
+        "$MOUNT" "\$(hostname)" "$MOUNT" "$mount"
+}
+
 case $cmd in
     create)
         capacity=()
@@ -227,7 +291,6 @@ case $cmd in
                 "$ROOT/diffusion_jax" "$ROOT/configs" "$ROOT/launch" "$ROOT/setup.cfg" \
                 "$ROOT/pyproject.toml" "$ROOT/README.md" "$TPU_NAME:$REMOTE_DIR/"
         fi
-        apt='sudo apt-get -o DPkg::Lock::Timeout=600'  # Waits while unattended upgrades run.
         steps=(
             'set -e'
             "cd $repo"
@@ -239,6 +302,10 @@ case $cmd in
         )
         printf -v install '%s; ' "${steps[@]}"
         on_workers all "${install%; }"
+        [[ -z ${BUCKET-} ]] || on_workers all "$(mount_command)"
+        ;;
+    mount)
+        on_workers all "$(mount_command)"
         ;;
     data)
         on_workers all "mkdir -p ~/$DATA_DIR"
@@ -254,7 +321,13 @@ case $cmd in
                --distributed=on)
         line="$(printf '%q ' "${train[@]}")--config.data.manual_dir=\"\$HOME\"/$DATA_DIR"
         ((${#extra[@]} == 0)) || line+=$(printf ' %q' "${extra[@]}")
-        on_workers all "cd $repo && bash launch/worker.sh start $line"
+        start="cd $repo && bash launch/worker.sh start $line"
+        if [[ -n ${BUCKET-} ]] && ((under_mount)); then
+            # Without its mount a worker would write a WORKDIR of its own, on its own disk.
+            stop="echo \"\$(hostname): $MOUNT is not mounted: run launch/tpu.sh mount\" >&2; exit 1"
+            start="if ! mountpoint -q $MOUNT; then $stop; fi; $start"
+        fi
+        on_workers all "$start"
         ;;
     logs)
         if [[ ${WORKER:-0} == all ]]; then

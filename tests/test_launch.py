@@ -2,12 +2,14 @@
 
 shellcheck over every script; each command's --dry-run output (with a PATH that has no gcloud,
 and with a PATH whose gcloud is a trap that records any call); validation of the variables before
-anything runs; that what --dry-run prints is exactly what runs; worker.sh's start / stop / logs
-on this machine.
+anything runs; that what --dry-run prints is exactly what runs; the gcsfuse mount and the train
+command's mount check run here against stub programs; worker.sh's start / stop / logs on this
+machine.
 """
 
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -26,16 +28,20 @@ TPU_SH = LAUNCH / 'tpu.sh'
 WORKER_SH = LAUNCH / 'worker.sh'
 EXAMPLE_ENV = LAUNCH / 'config.example.env'
 BASH = shutil.which('bash') or '/bin/bash'
-COMMANDS = ['create', 'status', 'setup', 'data', 'train', 'logs', 'stop', 'delete', 'ssh']
+COMMANDS = ['create', 'status', 'setup', 'mount', 'data', 'train', 'logs', 'stop', 'delete',
+            'ssh']
 VALID = {
     'TPU_NAME': 'ddpm-v3-32',
     'ZONE': 'europe-west4-a',
     'PROJECT': 'my-project-123',
     'ACCELERATOR_TYPE': 'v3-32',
-    'WORKDIR': 'gs://my-bucket/ddpm-cifar10',
+    'BUCKET': 'my-bucket',
+    'WORKDIR': '/mnt/ddpm/cifar10-run1',
     'CIFAR10_ARCHIVE': 'gs://my-bucket/cifar-10-binary.tar.gz',
 }
 BASE = 'gcloud compute tpus tpu-vm ssh ddpm-v3-32 --zone=europe-west4-a --project=my-project-123'
+GCSFUSE_SOURCE = ('deb [signed-by=/usr/share/keyrings/cloud.google.asc] '
+                  'https://packages.cloud.google.com/apt gcsfuse-jammy main\n')
 
 
 @pytest.fixture
@@ -152,7 +158,7 @@ def test_status(no_gcloud):
 
 
 def test_setup_copies_the_checkout_and_installs(no_gcloud):
-    mkdir, scp, install = dry_run(no_gcloud, 'setup')
+    mkdir, scp, install = dry_run(no_gcloud, 'setup', BUCKET=None)
     assert mkdir[:8] + ['--worker=all'] == shlex.split(BASE) + ['--worker=all']
     assert remote(mkdir) == 'mkdir -p ~/diffusion_jax'
     assert scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp']
@@ -169,11 +175,16 @@ def test_setup_copies_the_checkout_and_installs(no_gcloud):
     assert ('.venv/bin/pip install "jax[tpu]==0.10.2" '
             '-f https://storage.googleapis.com/jax-releases/libtpu_releases.html') in steps
     assert steps[-1] == '.venv/bin/pip install -e .'
+    # With a BUCKET, setup ends with what `mount` does.
+    *same, mount = dry_run(no_gcloud, 'setup')
+    assert same == [mkdir, scp, install]
+    assert [mount] == dry_run(no_gcloud, 'mount')
 
 
 def test_setup_from_a_repo_url(no_gcloud):
-    clone, install = dry_run(no_gcloud, 'setup', REPO_URL='https://example.com/me/ddpm.git',
-                             REPO_REF='v1.0', REMOTE_DIR='code/ddpm', PYTHON='python3.12')
+    clone, install, mount = dry_run(no_gcloud, 'setup', REPO_URL='https://example.com/me/ddpm.git',
+                                    REPO_REF='v1.0', REMOTE_DIR='code/ddpm', PYTHON='python3.12')
+    assert 'gcsfuse' in remote(mount)
     assert '--worker=all' in clone
     command = remote(clone)
     assert 'git clone --depth=1 --branch=v1.0 https://example.com/me/ddpm.git ~/code/ddpm' \
@@ -202,11 +213,13 @@ def test_train_runs_the_trainer_on_every_worker_under_nohup(no_gcloud):
     assert argv[:8] == shlex.split(BASE)
     assert '--worker=all' in argv
     command = remote(argv)
-    assert command.startswith('cd ~/diffusion_jax && bash launch/worker.sh start ')
+    # WORKDIR is in the bucket: each worker first checks that the bucket is mounted.
+    assert command.startswith('if ! mountpoint -q /mnt/ddpm; then ')
+    assert '; fi; cd ~/diffusion_jax && bash launch/worker.sh start ' in command
     words = shlex.split(command.split(' start ', 1)[1])
     assert words == [
         '.venv/bin/python', '-m', 'diffusion_jax.main', '--config=configs/cifar10.py',
-        '--workdir=gs://my-bucket/ddpm-cifar10', '--distributed=on',
+        '--workdir=/mnt/ddpm/cifar10-run1', '--distributed=on',
         '--config.data.manual_dir=$HOME/data/cifar10',  # $HOME expands on the worker.
         '--config.training.num_train_steps=1000', '--config.model.name=a b']
     # worker.sh is what keeps it alive after SSH disconnects, logging per worker.
@@ -215,17 +228,144 @@ def test_train_runs_the_trainer_on_every_worker_under_nohup(no_gcloud):
     assert 'log_file=logs/train-$host.log' in worker
 
 
-def test_train_with_a_path_workdir_and_another_config(no_gcloud):
-    result = launch(no_gcloud, 'train', '--dry-run', WORKDIR='/mnt/shared/run',
-                    CONFIG='configs/cifar10_score.py:vp')
-    assert result.returncode == 0, result.stderr
+def test_train_on_one_host_takes_any_absolute_workdir(no_gcloud):
+    result = launch(no_gcloud, 'train', '--dry-run', ACCELERATOR_TYPE='v3-8', BUCKET=None,
+                    WORKDIR='/home/me/runs/cifar10', CONFIG='configs/cifar10_score.py:vp')
+    assert result.returncode == 0 and result.stderr == '', result.stderr
     command = remote(shlex.split(result.stdout))
-    assert '--workdir=/mnt/shared/run' in command
+    assert command.startswith('cd ~/diffusion_jax && bash launch/worker.sh start ')
+    assert '--workdir=/home/me/runs/cifar10' in command
     assert '--config=configs/cifar10_score.py:vp' in command
-    # A local path on a multi-host slice works only if it is a mount they all share: warned.
-    assert 'WORKDIR' in result.stderr and 'several hosts' in result.stderr
-    quiet = launch(no_gcloud, 'train', '--dry-run', WORKDIR='/mnt/run', ACCELERATOR_TYPE='v3-8')
-    assert quiet.returncode == 0 and quiet.stderr == ''
+    # In the bucket, a one-host run checks the mount too.
+    [argv] = dry_run(no_gcloud, 'train', ACCELERATOR_TYPE='v4-8', MOUNT='/gcs/ddpm',
+                     WORKDIR='/gcs/ddpm/run')
+    assert remote(argv).startswith('if ! mountpoint -q /gcs/ddpm; then ')
+
+
+@pytest.mark.parametrize('accelerator', ['v3-32', 'v4-16', 'v5litepod-16', 'v6e-64'])
+def test_train_on_several_hosts_needs_workdir_in_the_bucket(trap, accelerator):
+    path, calls = trap
+    for workdir in ('/home/me/run', '/mnt/ddpm', '/mnt/other/run'):
+        result = launch(path, 'train', ACCELERATOR_TYPE=accelerator, WORKDIR=workdir)
+        assert result.returncode != 0
+        assert f'WORKDIR={workdir} is not under MOUNT=/mnt/ddpm' in result.stderr
+        assert 'SHARED_WORKDIR=1' in result.stderr and 'e.g. WORKDIR=/mnt/ddpm/' in result.stderr
+    result = launch(path, 'train', ACCELERATOR_TYPE=accelerator, BUCKET=None)
+    assert result.returncode != 0 and 'BUCKET is not set' in result.stderr
+    assert not calls.exists()
+    # Storage the user mounts on every worker: allowed, without the gcsfuse mount check.
+    [argv] = dry_run(path, 'train', ACCELERATOR_TYPE=accelerator, WORKDIR='/nfs/ddpm/run',
+                     BUCKET=None, SHARED_WORKDIR='1')
+    command = remote(argv)
+    assert command.startswith('cd ~/diffusion_jax && ') and '--workdir=/nfs/ddpm/run' in command
+    [argv] = dry_run(path, 'train', ACCELERATOR_TYPE=accelerator, WORKDIR='/gcs/b/run',
+                     MOUNT='/gcs/b')
+    assert '--workdir=/gcs/b/run' in remote(argv)
+
+
+@pytest.mark.parametrize('workdir,bucket,example', [
+    ('gs://my-bucket/ddpm-cifar10', 'my-bucket', '/mnt/ddpm/ddpm-cifar10'),
+    ('gs://runs_2024/a/b/', 'runs_2024', '/mnt/ddpm/a/b'),
+    ('gs://my-bucket', 'my-bucket', '/mnt/ddpm/cifar10-run1'),
+])
+def test_a_gs_workdir_is_rejected_with_the_mount_to_use(trap, workdir, bucket, example):
+    path, calls = trap
+    for accelerator in ('v3-8', 'v3-32'):
+        result = launch(path, 'train', WORKDIR=workdir, ACCELERATOR_TYPE=accelerator)
+        assert result.returncode != 0
+        assert f'WORKDIR={workdir}:' in result.stderr and 'gs:// URL does not work' in result.stderr
+        assert f'set BUCKET={bucket} and use a path under MOUNT=/mnt/ddpm' in result.stderr
+        assert f'e.g. WORKDIR={example}\n' in result.stderr
+    assert not calls.exists()
+
+
+def test_mount_installs_gcsfuse_and_mounts_the_bucket_on_every_worker(no_gcloud):
+    [argv] = dry_run(no_gcloud, 'mount')
+    assert argv[:8] == shlex.split(BASE) and '--worker=all' in argv
+    command = remote(argv)
+    assert command.startswith('set -e; if ! command -v gcsfuse >/dev/null; then ')
+    # Google's apt route: the gcsfuse-CODENAME repository, signed by the packages.cloud key.
+    assert ('"deb [signed-by=/usr/share/keyrings/cloud.google.asc] '
+            'https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main"') in command
+    assert ('curl -fsSL -o /usr/share/keyrings/cloud.google.asc '
+            'https://packages.cloud.google.com/apt/doc/apt-key.gpg') in command
+    assert 'apt-get -o DPkg::Lock::Timeout=600 install -y gcsfuse' in command
+    assert 'if mountpoint -q /mnt/ddpm; then ' in command
+    assert ('sudo mkdir -p /mnt/ddpm; sudo chown "$(id -un)" /mnt/ddpm; '
+            'gcsfuse --implicit-dirs --rename-dir-limit=100000 my-bucket /mnt/ddpm; fi') in command
+    [argv] = dry_run(no_gcloud, 'mount', BUCKET='ddpm.runs_1', MOUNT='/gcs/runs')
+    assert 'gcsfuse --implicit-dirs --rename-dir-limit=100000 ddpm.runs_1 /gcs/runs' in remote(argv)
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """(run, state): run(command) runs a worker's shell command here, with stubs of sudo (it runs
+    mkdir and chown, saves what tee reads, and "installs" a gcsfuse stub when apt-get installs
+    gcsfuse; the rest it only logs), lsb_release (jammy) and mountpoint (true once gcsfuse ran)."""
+    bin_dir, state = tmp_path / 'stub_bin', tmp_path / 'state'
+    bin_dir.mkdir()
+    state.mkdir()
+    gcsfuse = (f'#!{BASH}\necho "gcsfuse $*" >>{state}/log\n'
+               f'[ ! -e {state}/mounted ] || exit 1\ntouch {state}/mounted\n')
+    scripts = {
+        'sudo': f'''#!{BASH}
+echo "sudo $*" >>{state}/log
+case $1 in
+    mkdir | chown) exec "$@" ;;
+    tee) cat >{state}/tee ;;
+    apt-get) if [[ " $* " == *" install -y gcsfuse "* ]]; then
+                 printf %s {shlex.quote(gcsfuse)} >{bin_dir}/gcsfuse; chmod +x {bin_dir}/gcsfuse
+             fi ;;
+esac
+''',
+        'lsb_release': f'#!{BASH}\n[ "$*" = "-c -s" ] && echo jammy\n',
+        'mountpoint': f'#!{BASH}\n[ "$1" = -q ] && [ -e {state}/mounted ]\n',
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+    def run(command):
+        env = {'PATH': f'{bin_dir}:/usr/bin:/bin', 'HOME': str(tmp_path)}
+        return subprocess.run([BASH, '-c', command], env=env, capture_output=True, text=True,
+                              timeout=30, cwd=tmp_path)
+    return run, state
+
+
+def test_mount_runs_once_then_is_skipped(no_gcloud, stubs, tmp_path):
+    run, state = stubs
+    mount_point = tmp_path / 'mnt' / 'ddpm'
+    [argv] = dry_run(no_gcloud, 'mount', MOUNT=str(mount_point))
+    first = run(remote(argv))
+    assert first.returncode == 0, first.stderr
+    log = (state / 'log').read_text().splitlines()
+    assert log[0] == 'sudo tee /etc/apt/sources.list.d/gcsfuse.list'
+    assert (state / 'tee').read_text() == GCSFUSE_SOURCE
+    assert log[1:4] == [
+        'sudo curl -fsSL -o /usr/share/keyrings/cloud.google.asc '
+        'https://packages.cloud.google.com/apt/doc/apt-key.gpg',
+        'sudo apt-get -o DPkg::Lock::Timeout=600 update',
+        'sudo apt-get -o DPkg::Lock::Timeout=600 install -y gcsfuse']
+    user = pwd.getpwuid(os.getuid()).pw_name
+    assert log[4:] == [f'sudo mkdir -p {mount_point}', f'sudo chown {user} {mount_point}',
+                       f'gcsfuse --implicit-dirs --rename-dir-limit=100000 my-bucket {mount_point}']
+    assert mount_point.is_dir()
+    # Run again (setup rerun, or mount): gcsfuse is installed and the bucket mounted: no-op.
+    again = run(remote(argv))
+    assert again.returncode == 0, again.stderr
+    assert f'{mount_point} is mounted already' in again.stdout
+    assert (state / 'log').read_text().splitlines() == log
+
+
+def test_train_stops_on_a_worker_without_the_mount(no_gcloud, stubs):
+    run, state = stubs
+    [argv] = dry_run(no_gcloud, 'train')
+    unmounted = run(remote(argv))
+    assert unmounted.returncode == 1
+    assert '/mnt/ddpm is not mounted: run launch/tpu.sh mount' in unmounted.stderr
+    (state / 'mounted').touch()
+    mounted = run(remote(argv))  # Gets as far as the checkout, which is not here.
+    assert 'not mounted' not in mounted.stderr and 'diffusion_jax' in mounted.stderr
 
 
 def test_logs_stop_delete_ssh(no_gcloud):
@@ -311,9 +451,21 @@ BAD = [
     ('create', 'CAPACITY', 'cheap', 'spot'),
     ('create', 'QUEUED', 'yes', '1'),
     ('delete', 'QUEUED_RESOURCE', 'Bad_Name', 'ddpm-v3-32-qr'),
-    ('train', 'WORKDIR', None, 'gs://my-bucket/ddpm-cifar10'),
-    ('train', 'WORKDIR', 'runs/cifar10', 'gs://my-bucket/ddpm-cifar10'),
-    ('train', 'WORKDIR', 's3://bucket/run', 'gs://my-bucket/ddpm-cifar10'),
+    ('train', 'WORKDIR', None, 'WORKDIR=/mnt/ddpm/cifar10-run1'),
+    ('train', 'WORKDIR', 'runs/cifar10', 'WORKDIR=/mnt/ddpm/cifar10-run1'),
+    ('train', 'WORKDIR', 's3://bucket/run', 'WORKDIR=/mnt/ddpm/cifar10-run1'),
+    ('train', 'WORKDIR', '/mnt/ddpm/run/', 'WORKDIR=/mnt/ddpm/cifar10-run1'),
+    ('train', 'WORKDIR', '/mnt/ddpm/../home/run', 'without . or .. components'),
+    ('train', 'ACCELERATOR_TYPE', None, 'v3-32'),
+    ('train', 'SHARED_WORKDIR', 'yes', '1'),
+    ('train', 'BUCKET', 'gs://my-bucket', 'BUCKET=my-bucket'),
+    ('train', 'MOUNT', '/mnt/ddpm/', 'MOUNT=/mnt/ddpm'),
+    ('mount', 'BUCKET', None, 'BUCKET=my-bucket'),
+    ('mount', 'BUCKET', 'My_Bucket', 'BUCKET=my-bucket'),
+    ('mount', 'BUCKET', 'ab', 'BUCKET=my-bucket'),
+    ('mount', 'MOUNT', 'mnt/ddpm', 'MOUNT=/mnt/ddpm'),
+    ('mount', 'MOUNT', '/mnt/../ddpm', 'MOUNT=/mnt/ddpm'),
+    ('setup', 'BUCKET', 'my bucket', 'BUCKET=my-bucket'),
     ('train', 'CONFIG', 'cifar10.py', 'configs/cifar10.py'),
     ('train', 'DATA_DIR', '/abs/data', 'data/cifar10'),
     ('setup', 'PYTHON', 'python', 'python3.11'),
@@ -362,6 +514,8 @@ def test_unknown_command_option_and_extra_args(no_gcloud):
     assert result.returncode != 0 and "unknown option '--dryrun'" in result.stderr
     result = launch(no_gcloud, 'stop', '--dry-run', '--', 'now')
     assert result.returncode != 0 and 'stop takes no extra arguments' in result.stderr
+    result = launch(no_gcloud, 'mount', '--dry-run', '--', '-o', 'ro')
+    assert result.returncode != 0 and 'mount takes no extra arguments' in result.stderr
     for result in (launch(no_gcloud, 'launch'), launch(no_gcloud, 'stop', '--', 'x')):
         assert 'gcloud' not in result.stdout
 
@@ -372,7 +526,8 @@ def test_example_env_documents_and_satisfies_every_variable(no_gcloud):
     used = set(re.findall(r'require ([A-Z][A-Z0-9_]*) [\'"]', script))
     used |= set(re.findall(r'\$\{([A-Z0-9_]+):=', script))
     assert {'TPU_NAME', 'ZONE', 'PROJECT', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'WORKDIR',
-            'CONFIG', 'CAPACITY', 'QUEUED', 'REPO_URL', 'CIFAR10_ARCHIVE'} <= used
+            'CONFIG', 'CAPACITY', 'QUEUED', 'REPO_URL', 'CIFAR10_ARCHIVE', 'BUCKET', 'MOUNT',
+            'SHARED_WORKDIR'} <= used
     documented = set(re.findall(r'^#? ?([A-Z0-9_]+)=', text, re.M))
     assert used <= documented, used - documented
     for command in COMMANDS:
