@@ -90,7 +90,9 @@ _fingerprint_jit = jax.jit(_fingerprint)
 def fingerprints(state):
     """({array name: 16 hex digits}, [names of arrays with a NaN or Inf]) of a state."""
     names = leaf_names(state)
-    results = jax.device_get([_fingerprint_jit(x) for x in jax.tree.leaves(state)])
+    # One array at a time: on XLA:CPU, programs dispatched together may run concurrently, and
+    # the collectives of several of them (sharded arrays) can then wait on each other forever.
+    results = [jax.device_get(_fingerprint_jit(x)) for x in jax.tree.leaves(state)]
     prints = {n: f'{int(h[0]):08x}{int(h[1]):08x}' for n, (h, _) in zip(names, results)}
     return prints, [n for n, (_, finite) in zip(names, results) if not finite]
 

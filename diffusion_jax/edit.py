@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 
+from diffusion_jax import distributed
 from diffusion_jax import images
 from diffusion_jax import parallel
 from diffusion_jax import sampling
@@ -64,10 +65,10 @@ def edit(config, workdir):
         guides, jax.random.fold_in(jax.random.key(config.seed), 0xED17), t0=config.edit.t0,
         mask=mask, repeats=config.edit.repeats, sampling_config=config.sampling,
         guidance_fn=sampler.guidance_fn, progress=True)
-    outputs = images.to_uint8(jax.device_get(outputs))
+    outputs = images.to_uint8(distributed.to_host(outputs))
     logging.info('Edited in %.1f s', time.perf_counter() - start)
     if jax.process_index() == 0:
-        guides_uint8 = images.to_uint8(jax.device_get(guides))
+        guides_uint8 = images.to_uint8(distributed.to_host(guides))
         np.savez_compressed(os.path.join(workdir, 'edits.npz'), guides=guides_uint8,
                             edits=outputs, labels=labels,
                             **({} if mask is None else {'masks': mask.astype(np.uint8)}),

@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 
+from diffusion_jax import distributed
 from diffusion_jax import images
 from diffusion_jax import parallel
 from diffusion_jax import sampling
@@ -65,9 +66,9 @@ def evaluate(config, workdir):
 
 def load_test_split(config):
     """The configured dataset's test images (uint8, checked against the config) and labels."""
-    test_images, test_labels = data_pipeline.load_split(config.data.name, 'test',
-                                                        data_dir=config.data.data_dir,
-                                                        manual_dir=config.data.manual_dir)
+    test_images, test_labels = distributed.process_zero_first(
+        lambda: data_pipeline.load_split(config.data.name, 'test', data_dir=config.data.data_dir,
+                                         manual_dir=config.data.manual_dir), 'prepare the dataset')
     data_pipeline.check_images(test_images, image_size=config.data.image_size,
                                channels=config.data.channels)
     return test_images, test_labels

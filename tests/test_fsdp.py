@@ -264,3 +264,21 @@ def test_checkpoint_restores_onto_another_mesh(runs, restored):
     else:
         assert not any(any(f['spec']) for f in facts.values())
     assert all(f['num_devices'] == num_devices for f in facts.values())
+
+
+# ------------------------------------------------------------ the CLI with FSDP rules (slow) ---
+
+@pytest.mark.slow
+def test_cli_trains_with_fsdp_rules_and_resumes_replicated(tmp_path, data_dir):
+    """`training.param_sharding` from the command line: an FSDP run on 2 devices, then the same
+    workdir resumed by a replicated run on 1 device."""
+    command = ['-m', 'diffusion_jax.main', '--config=configs/tiny.py', f'--workdir={tmp_path}',
+               f'--config.data.data_dir={data_dir}', '--config.sampling.num_samples=0',
+               '--config.training.num_train_steps=2']
+    result = run_python(command + ["--config.training.param_sharding=(('kernel$', 'data'),)"],
+                        num_devices=2, fast_compiles=True)
+    assert 'leaves replicated' in result.stderr  # The 1-channel conv_out kernel.
+    result = run_python(command[:-1] + ['--config.training.num_train_steps=3'],
+                        fast_compiles=True)
+    assert 'Restored checkpoint at step 2' in result.stderr
+    assert (tmp_path / 'checkpoints' / '3').is_dir()
