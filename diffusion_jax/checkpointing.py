@@ -123,7 +123,7 @@ def restore_latest(manager, abstract_state, *, quarantine_dir=None):
 
     A step that cannot be read or fails its fingerprints is logged as an error naming the step
     and array, then the previous step is tried; with `quarantine_dir`, the bad step is moved
-    there (process 0), so a resumed run can save that step again.
+    there (process 0) once an older step restores, so a resumed run can save that step again.
 
     Args:
       manager: from `make_manager`.
@@ -135,7 +135,7 @@ def restore_latest(manager, abstract_state, *, quarantine_dir=None):
       CheckpointError: checkpoints exist but none is usable, or they were written for a model
         of other parameter shapes (the message lists the differences).
     """
-    problems = []
+    problems, bad_steps = [], []
     for step in sorted(manager.all_steps(), reverse=True):
         check_compatible(manager, step, abstract_state)
         try:
@@ -143,9 +143,12 @@ def restore_latest(manager, abstract_state, *, quarantine_dir=None):
         except CheckpointError as e:
             logging.error('%s; trying the previous checkpoint', e)
             problems.append(str(e))
-            if quarantine_dir:
-                _quarantine(manager, step, quarantine_dir)
+            bad_steps.append(step)
             continue
+        # Moved only once a good step is found: if none restores, the cause may not be the
+        # files (e.g. a bug), so everything stays where the next attempt will look.
+        for bad in bad_steps if quarantine_dir else ():
+            _quarantine(manager, bad, quarantine_dir)
         logging.info('Restored checkpoint at step %d from %s', step, manager.directory)
         return state, data_state, step
     if problems:

@@ -141,8 +141,11 @@ def test_every_step_damaged_is_an_error_not_a_fresh_start(saved_run, tmp_path):
         os.truncate(largest_data_file(workdir, step), 10)
     with pytest.raises(checkpointing.CheckpointError, match='no usable checkpoint.*step 3.*'
                        'step 2.*step 1'):
-        checkpointing.restore_latest(manager, saved_run['abstract'])
-    assert sorted(manager.all_steps()) == [1, 2, 3]  # Without quarantine_dir nothing moves.
+        checkpointing.restore_latest(manager, saved_run['abstract'],
+                                     quarantine_dir=os.path.join(workdir, 'bad'))
+    # No step restored, so none is moved: a rerun (after a fix) still finds all three.
+    assert sorted(manager.all_steps()) == [1, 2, 3]
+    assert not os.path.exists(os.path.join(workdir, 'bad'))
 
 
 def test_non_finite_state_is_never_saved(saved_run, tmp_path):
