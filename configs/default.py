@@ -91,8 +91,8 @@ def get_config():
     training.param_sharding = ()
     training.label_dropout = 0.1  # Conditional U-Net: P(label -> null label), for CFG.
     # A non-finite loss or gradient: fail (stop, naming the step and metric) | skip (drop the
-    # update, count it, stop after max_consecutive_skips in a row). Non-finite states are never
-    # saved either way.
+    # update, count it, stop when more than max_consecutive_skips come in a row). Non-finite
+    # states are never saved either way.
     training.nan_policy = 'fail'
     training.max_consecutive_skips = 10
 

@@ -19,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore
 
+from diffusion_jax import distributed
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: corrupt, truncated or made for another model."""
@@ -243,9 +245,7 @@ def _quarantine(manager, step, quarantine_dir):
             shutil.rmtree(target)
         shutil.move(os.path.join(str(manager.directory), str(step)), target)
         logging.error('moved the bad checkpoint step %d to %s', step, target)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f'quarantined checkpoint {step}')
+    distributed.barrier(f'quarantined checkpoint {step}')
     manager.reload()
 
 

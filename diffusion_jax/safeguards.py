@@ -4,7 +4,7 @@ NaN policy (`training.nan_policy`):
   fail: stop with a message naming the step and the first non-finite metric;
   skip: the train step drops a non-finite update (`train_step.train_step(skip_nonfinite=True)`
     keeps the parameters, EMA and optimizer state, and reports `skipped`); the loop counts and
-    logs skips and stops after `training.max_consecutive_skips` in a row.
+    logs skips and stops when more than `training.max_consecutive_skips` come in a row.
 Either way a non-finite state is never saved (`checkpointing.save` refuses it).
 
 Preemption: on a pod, `jax.distributed`'s preemption service turns SIGTERM on any host into a
