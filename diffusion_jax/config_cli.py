@@ -49,11 +49,7 @@ def _unknown_override(argv):
     path = _config_path(argv)
     if path is None:
         return None
-    file_path, _, arg = path.partition(':')
-    spec = importlib.util.spec_from_file_location('_config_for_check', file_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    config = config_from_file(path)
     for override in argv:
         if not override.startswith('--config.'):
             continue
@@ -81,10 +77,26 @@ def parse_flags(argv):
         sys.exit(f'FATAL Flags parsing error: {message}')
 
 
+def config_from_file(path):
+    """The config of a config file, `--config` style: `configs/mnist_score.py:vp` calls
+    `get_config('vp')`. For notebooks and scripts; the file's folder becomes importable."""
+    file_path, _, arg = str(path).partition(':')
+    _make_importable(file_path)
+    spec = importlib.util.spec_from_file_location('_config_file', file_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def _make_configs_importable(argv):
-    """Config files import their parent (`from configs import default`): put the folder that
-    holds `configs/` on sys.path, so the command works from any working directory."""
     path = _config_path(argv)
     if path:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-            path.split(':', 1)[0]))))
+        _make_importable(path.split(':', 1)[0])
+
+
+def _make_importable(config_file):
+    """Config files import their parent (`from configs import default`): put the folder that
+    holds `configs/` on sys.path, so the command works from any working directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(config_file)))
+    if root not in sys.path:
+        sys.path.insert(0, root)

@@ -40,6 +40,20 @@ def save_png(path, image, *, scale=1):
     Image.fromarray(image).save(path)
 
 
+def save_gif(path, frames, *, scale=1, duration_ms=80, final_hold_ms=1000):
+    """Writes uint8 frames [F, H, W, C] (C = 1 or 3) as a looping GIF, the last frame held."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.dtype != np.uint8 or frames.shape[-1] not in (1, 3):
+        raise ValueError(f'save_gif expects uint8 frames [F, H, W, 1 or 3], got {frames.dtype} '
+                         f'{frames.shape}')
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    durations = [duration_ms] * (len(pictures) - 1) + [final_hold_ms]
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+
+
 def load_images(path, *, image_size, channels, padding=2):
     """uint8 images [N, H, W, C] from an .npz (key `images`) or a .png: one image of the
     configured size, or a grid of them as `make_grid` writes it (`padding` pixels around tiles)."""
