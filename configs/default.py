@@ -25,11 +25,12 @@ def get_config():
     data.manual_dir = config_dict.placeholder(str)  # Where manually downloaded archives are placed.
     data.image_size = 32  # H = W of the images; checked against the dataset.
     data.channels = 3  # Checked against the dataset.
-    data.random_flip = True  # Horizontal flips (the paper flips CIFAR-10, CelebA-HQ, LSUN).
+    data.random_flip = False  # Horizontal flips: the paper's natural-image configs turn them on
+    # (CIFAR-10, CelebA-HQ, LSUN church and bedroom); digits must not be mirrored.
 
     config.model = model = ml_collections.ConfigDict()  # Fields of models.UNet, passed as-is.
     model.ch = 128  # Base channel count.
-    model.out_ch = 3  # Image channels, or twice that for learned variances.
+    model.out_ch = 3  # Image channels C; 2C for learned variances, 3C for dual (4C dual + learned).
     model.ch_mult = (1, 2, 2, 2)  # Channel multiplier per resolution level.
     model.num_res_blocks = 2  # ResBlocks per level.
     model.attn_resolutions = (16,)  # Spatial sizes that get self-attention after each ResBlock.
@@ -49,7 +50,7 @@ def get_config():
     diffusion.beta_start = 1e-4
     diffusion.beta_end = 0.02
     diffusion.num_timesteps = 1000  # T.
-    diffusion.mean_type = 'eps'  # eps | x0 | xprev: what the network predicts.
+    diffusion.mean_type = 'eps'  # eps | x0 | xprev | dual: what the network predicts.
     diffusion.var_type = 'fixedlarge'  # fixedlarge | fixedsmall | learned | learned_range.
     diffusion.loss_type = 'mse'  # mse (L_simple) | kl (true bound) | hybrid (IDDPM).
     diffusion.hybrid_lambda = 0.001  # λ in L_simple + λ L_vlb.
@@ -58,7 +59,9 @@ def get_config():
     diffusion.process = 'ddpm'
     diffusion.beta_min = 0.1  # vp, subvp: β(t) = β_min + t (β_max - β_min).
     diffusion.beta_max = 20.0
-    diffusion.sigma_min = 0.01  # ve, ncsn: geometric σ from σ_max down to σ_min (data in [-1, 1]).
+    # ve, ncsn: geometric σ from σ_max down to σ_min. 0.01 / 50 are Song et al.'s CIFAR-10 values
+    # for data in [0, 1]; our data are in [-1, 1], so the score configs double them.
+    diffusion.sigma_min = 0.01
     diffusion.sigma_max = 50.0
     diffusion.train_eps = 1e-5  # SDEs: t ~ U[train_eps, 1] in training.
     # SDEs: the samplers' end time (None: 1e-3 for VP and sub-VP, 1e-5 for VE).

@@ -22,15 +22,15 @@ from diffusion_jax.evaluate import load_test_split
 
 
 def load_guides(config):
-    """(guide images in [-1, 1], mask or None, the test images the demo strokes came from or
-    None)."""
+    """(guide images in [-1, 1], mask or None, the test images the demo strokes came from and
+    their labels, or None and None)."""
     e, d = config.edit, config.data
     if e.guide is None:
-        test_images, _ = load_test_split(config)
-        originals = test_images[:e.num_images]
+        test_images, test_labels = load_test_split(config)
+        originals, original_labels = test_images[:e.num_images], test_labels[:e.num_images]
         guides = sampling.blocky_strokes(originals / 127.5 - 1.0, block=e.stroke_block)
     else:
-        originals = None
+        originals = original_labels = None
         guides = images.load_images(e.guide, image_size=d.image_size,
                                     channels=d.channels) / 127.5 - 1.0
     mask = None
@@ -40,7 +40,7 @@ def load_guides(config):
             raise ValueError(f'edit.mask has {len(mask)} images for {len(guides)} guides: give '
                              'one mask for all or one per guide')
         mask = (mask > 0).astype(np.float32)
-    return guides.astype(np.float32), mask, originals
+    return guides.astype(np.float32), mask, originals, original_labels
 
 
 def edit(config, workdir):
@@ -50,9 +50,11 @@ def edit(config, workdir):
     sampling.check_sampling_config(config.sampling, process)
     model, params, step = train.restore_ema_params(config, workdir, mesh)
     sampler = train.make_sampler(config, model, process, mesh)
-    guides, mask, originals = load_guides(config)
+    guides, mask, originals, original_labels = load_guides(config)
     labels = np.full((len(guides),), -1, np.int32)
-    if sampler.num_classes:
+    if sampler.num_classes and original_labels is not None:
+        labels = np.asarray(original_labels, np.int32)  # The stroke demo: the digit drawn.
+    elif sampler.num_classes:
         labels = sampling.sample_labels(config.sampling.labels, len(guides), sampler.num_classes,
                                         jax.random.key(config.seed))
     logging.info('SDEdit of %d guides at t0=%g, %d round(s), EMA weights of step %d',

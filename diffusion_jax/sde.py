@@ -104,7 +104,7 @@ class SDE:
         return drift - g2 * score, g
 
     def discretize(self, x, t):
-        """f_i, G_i of x_{i+1} = x_i + f_i + G_i z_i (SDE eq. 46); Euler-Maruyama by default."""
+        """f_i, G_i of x_{i+1} = x_i + f_i + G_i z_i (SDE eq. 45); Euler-Maruyama by default."""
         drift, g = self.sde(x, t)
         dt = 1.0 / self.N
         return drift * dt, g * math.sqrt(dt)
@@ -114,8 +114,12 @@ class SDE:
         return jnp.linspace(self.T, self.sample_eps, self.N)
 
     def discrete_index(self, t):
-        """Index i of the discrete chain (VP: β_i, VE: σ_i) that time t falls on."""
-        return jnp.round(t * (self.N - 1) / self.T).astype(jnp.int32)
+        """Index of the discrete chain (VP: β_i, VE: σ_i) at time t: N - 1 - k for the k-th
+        sampler time (Song et al.'s code truncates t (N - 1) / T, which gives the same indices
+        exactly; inverting the time grid keeps them in float32, where t (N - 1) falls a hair
+        below an integer)."""
+        k = jnp.round((self.T - t) * (self.N - 1) / (self.T - self.sample_eps))
+        return (self.N - 1 - k).astype(jnp.int32)
 
     def langevin_alpha(self, t):
         """α_i in the Langevin corrector's step 2 α (r ‖z‖ / ‖s‖)² (SDE Algorithms 4-5)."""
@@ -151,7 +155,7 @@ class VPSDE(SDE):
         return broadcast_batch(jnp.exp(log_coeff), x0) * x0, jnp.sqrt(-jnp.expm1(2.0 * log_coeff))
 
     def discretize(self, x, t):
-        """DDPM's chain: x_i = sqrt(1 - β_i) x_{i-1} + sqrt(β_i) z (SDE eq. 47)."""
+        """DDPM's chain: x_i = sqrt(1 - β_i) x_{i-1} + sqrt(β_i) z (SDE eq. 10)."""
         beta = self.discrete_betas()[self.discrete_index(t)]
         return broadcast_batch(jnp.sqrt(1.0 - beta) - 1.0, x) * x, jnp.sqrt(beta)
 
@@ -215,7 +219,7 @@ class VESDE(SDE):
         return x0, self.sigma(t)
 
     def discretize(self, x, t):
-        """SMLD's chain: x_i = x_{i-1} + sqrt(σ_i² - σ_{i-1}²) z (SDE eq. 45), σ_{-1} = 0."""
+        """SMLD's chain: x_i = x_{i-1} + sqrt(σ_i² - σ_{i-1}²) z (SDE eq. 8), σ_{-1} = 0."""
         _, _, increment = self.discrete_steps(t)
         return jnp.zeros_like(x), jnp.sqrt(increment)
 

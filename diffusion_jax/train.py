@@ -223,6 +223,9 @@ def make_sampler(config, model, process, mesh):
         if differ:
             raise ValueError('the guidance classifier was trained on another forward process: '
                              f'diffusion.{", diffusion.".join(differ)} differ from this run\'s')
+        if model.num_classes and classifier_config.model.num_classes != model.num_classes:
+            raise ValueError(f'the guidance classifier has {classifier_config.model.num_classes} '
+                             f'classes but the class-conditional model {model.num_classes}')
         classifier, classifier_params, _ = restore_ema_params(
             classifier_config, s.classifier_workdir, mesh)
         num_classes = classifier.num_classes

@@ -76,7 +76,9 @@ def reverse_drift(sde, x, t, score, probability_flow=False):
 
 
 def index(sde, t):
-    return np.round(t * (sde.N - 1)).astype(int)
+    """Song et al.'s discrete index: t (N - 1) / T truncated (exact in float64 on the sampler's
+    time grid, whose k-th time gives N - 1 - k)."""
+    return np.floor(t * (sde.N - 1)).astype(int)
 
 
 def euler_maruyama(sde, x, t, score, z):

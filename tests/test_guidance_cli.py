@@ -9,6 +9,7 @@ import pytest
 
 from conftest import run_python
 from diffusion_jax import images
+from diffusion_jax.data import load_split
 
 
 def tiny_command(workdir, data_dir, *overrides):
@@ -79,8 +80,12 @@ def test_edit_mode_stroke_demo_png_guide_with_mask_and_t0_zero(tmp_path, data_di
                         '--config.edit.num_images=4', '--config.edit.stroke_block=2')
     run_python(edit + ['--config.edit.t0=0.5', '--config.edit.repeats=2'], fast_compiles=True)
     with np.load(conditional_run / 'edits.npz') as f:
-        guides, edits, originals = f['guides'], f['edits'], f['originals']
+        guides, edits, originals, labels = f['guides'], f['edits'], f['originals'], f['labels']
     assert edits.shape == (2, 4, 8, 8, 1) and originals.shape == (4, 8, 8, 1)
+    # A conditional model is guided toward the digit each stroke was drawn from.
+    test_images, test_labels = load_split('digits', 'test', data_dir=data_dir)
+    np.testing.assert_array_equal(originals, test_images[:4])
+    np.testing.assert_array_equal(labels, test_labels[:4])
     assert set(np.unique(guides).tolist()) <= {0, 255}  # Blocky strokes: ink or paper.
     assert (conditional_run / 'edits.png').is_file()
 
@@ -137,3 +142,18 @@ def test_guidance_study_script_runs_small(tmp_path):
     for name in ('guidance_study.png', 'guidance_cfg_samples.png',
                  'guidance_classifier_samples.png', 'sdedit_strokes.png'):
         assert (docs / name).stat().st_size > 1000
+
+
+def test_classifier_with_other_class_count_is_refused(tmp_path):
+    from configs import tiny
+    from diffusion_jax import checkpointing, parallel, train
+    classifier_config = tiny.get_config()
+    classifier_config.task, classifier_config.model.num_classes = 'noisy_classifier', 5
+    checkpointing.save_config(str(tmp_path), classifier_config)  # Refused before any restore.
+    config = tiny.get_config()
+    config.model.num_classes = 10
+    config.sampling.guidance, config.sampling.classifier_workdir = 'classifier', str(tmp_path)
+    process = train.make_diffusion(config.diffusion)
+    with pytest.raises(ValueError, match='classifier has 5 classes but the class-conditional '
+                                         'model 10'):
+        train.make_sampler(config, train.make_model(config), process, parallel.make_mesh())

@@ -70,8 +70,11 @@ def test_predictor_steps_match_reference(name, predictor):
                               jnp.ones((1,)), jnp.zeros((1, 2)))
         return
     sde, r = make(name)
-    x, t, score, z = random_inputs(1)
-    t[0], t[1] = 1.0, sde.sample_eps  # the first and last sampler times (i = N-1 and i = 0)
+    x, _, score, z = random_inputs(1)
+    # Predictors run at the sampler's times: random ones, with the first and the last.
+    grid = np.linspace(1.0, sde.sample_eps, sde.N)
+    t = np.random.RandomState(1).choice(grid, size=x.shape[0])
+    t[0], t[1] = grid[0], grid[-1]
     got = _step(functools.partial(pc.predictor_step, predictor, sde), score, x, t, z)
     want = getattr(ref, predictor)(r, x, t, score, z)
     for g, w in zip(got, want):
@@ -97,8 +100,9 @@ def test_vp_discretization_is_ddpm():
     x, _, eps, z = random_inputs(3)
     idx = np.array([999, 500, 10, 0])
     score = -eps / ref._b(np.sqrt(1.0 - np.cumprod(1.0 - betas)[idx]), x)
+    times = np.linspace(1.0, sde.sample_eps, 1000)[999 - idx]  # the sampler times of idx
     got, got_mean = _step(functools.partial(pc.predictor_step, 'ancestral', sde), score, x,
-                          idx / 999.0, z)
+                          times, z)
     want, _ = reference_ddpm.p_sample(proc, eps, x, idx, z, 'eps', 'fixedlarge',
                                       clip_denoised=False)
     want_mean = reference_ddpm.p_mean_variance(proc, eps, x, idx, 'eps', 'fixedlarge',
@@ -199,11 +203,12 @@ def test_pc_sampler_noise_contract_and_chunking():
     for i, t in enumerate(times):
         tv = np.full(shape[0], t)
         step_rng = jax.random.fold_in(rng, i)
-        z = np.asarray(jax.random.normal(step_rng, shape), np.float64)
         std = r.moments(t)[1]
-        y, _ = ref.reverse_diffusion(r, y, tv, -(np.sin(w * y) + t) / std, z)
+        # Song et al.'s order: the corrector at t_k, then the predictor from t_k.
         z = np.asarray(jax.random.normal(jax.random.fold_in(step_rng, 1), shape), np.float64)
-        y, mean = ref.langevin_corrector(r, y, tv, -(np.sin(w * y) + t) / std, z, 0.2)
+        y, _ = ref.langevin_corrector(r, y, tv, -(np.sin(w * y) + t) / std, z, 0.2)
+        z = np.asarray(jax.random.normal(step_rng, shape), np.float64)
+        y, mean = ref.reverse_diffusion(r, y, tv, -(np.sin(w * y) + t) / std, z)
     np.testing.assert_allclose(x, mean, rtol=1e-4, atol=1e-4)
 
 
@@ -224,3 +229,15 @@ def test_process_from_config_and_its_errors():
     config.diffusion.process, config.diffusion.mean_type = 've', 'x0'
     with pytest.raises(ValueError, match='ε-network'):
         train.make_diffusion(config.diffusion)
+
+
+@pytest.mark.parametrize('name', ['vp', 've'])
+def test_each_sampler_time_uses_its_own_discrete_index(name):
+    """The k-th of the N sampler times falls on chain index N - 1 - k, each index once (as
+    Song et al.'s truncation t (N - 1) gives in exact arithmetic; rounding would use the middle
+    index twice for VP's ε = 1e-3 and never reach index 0)."""
+    sde = sde_lib.get_sde(name, num_scales=1000)
+    times = np.linspace(1.0, sde.sample_eps, 1000)  # float64: the reference's own grid
+    np.testing.assert_array_equal(ref.index(make(name, N=1000)[1], times), 999 - np.arange(1000))
+    np.testing.assert_array_equal(np.asarray(sde.discrete_index(sde.timesteps())),
+                                  999 - np.arange(1000))

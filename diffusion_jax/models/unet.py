@@ -42,8 +42,8 @@ class EncoderFields(nn.Module):
 
 
 class UNet(EncoderFields):
-    """eps_theta(x_t, t): predicts the noise (or, with out_ch = 2C, noise and variance); the
-    output is float32 whatever the compute dtype.
+    """eps_theta(x_t, t): predicts the noise, or what `Diffusion.output_groups` asks for (2C
+    channels with a learned variance, 3C for dual output); float32 whatever the compute dtype.
 
     Attributes (besides `EncoderFields`):
       out_ch: output channels.

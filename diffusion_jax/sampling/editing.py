@@ -10,8 +10,8 @@ With a mask (1 = keep the guide's pixel) the known region is pinned to the guide
 noise level: after every step to level s, its pixels are replaced by a fresh draw of
 q(x_s | guide), and by the guide itself after the last step. We use the level the state has just
 reached, not the one it left, so the known and generated pixels always carry the same amount of
-noise when the network next sees them (the convention of SDEdit's and RePaint's masked
-samplers).
+noise when the network next sees them (RePaint's convention; SDEdit's released code re-noises to
+the level the step left, reusing one draw per round: docs/guidance.md).
 
 Noise: round k uses the key fold_in(rng, k): its starting draw comes from fold_in(key, 2^32 - 1),
 its steps follow the sampler's own contract with that key.

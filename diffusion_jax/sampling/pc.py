@@ -1,7 +1,10 @@
 """Predictor-corrector samplers of the reverse SDE (Song et al. 2021, §4.2 and Algorithms 1-5).
 
-For i = N-1, ..., 0 at times t_i = linspace(1, ε, N): one predictor step of the reverse SDE,
-then `n_corrector` Langevin corrector steps at the new time. Predictors:
+At each sampler time t_k = linspace(T, ε, N)[k]: `n_corrector` Langevin corrector steps at t_k,
+then one predictor step of the reverse SDE from t_k towards t_{k+1}. This is the order of Song et
+al.'s code; it is Algorithm 1's predictor-then-corrector with each corrector at the level the
+predictor has just reached, plus one corrector step on the prior sample and none after the last
+predictor step. Predictors:
 
   'euler_maruyama':    x ← x - [f - g² s] Δt + g sqrt(Δt) z,  Δt = 1/N (as Song et al.'s code)
   'reverse_diffusion': x ← x - f_i + G_i² s + G_i z            (SDE eq. 46, the discretized chain)
@@ -13,7 +16,8 @@ Langevin corrector (SDE Algorithms 4-5): x ← x + ε s + sqrt(2ε) z with ε = 
 r the signal-to-noise ratio. As in Song et al.'s code, ‖z‖ and ‖s‖ are per-sample norms averaged
 over the (global) batch: per-sample ratios blow up wherever ‖s‖ nears 0, which in low dimension
 is common (measured on the 2-D mixture: MMD² 0.10-0.15 per sample, ≤ 0 with the batch mean). The
-sampler returns the noise-free mean of the last update ("denoising").
+sampler returns the noise-free mean of the last predictor step ("denoising"; with predictor
+'none', of the last corrector step).
 
 Noise: x_T = prior(fold_in(rng, N)); step i draws its predictor noise from fold_in(rng, i) and
 corrector step j from fold_in(fold_in(rng, i), j + 1), so chunking changes nothing.
@@ -91,14 +95,16 @@ def pc_steps(model_apply, params, sde, x, rng, first, *, num_steps, predictor, c
         x, _ = carry
         t = jnp.full((x.shape[0],), times[i], jnp.float32)
         step_rng = jax.random.fold_in(rng, i)
-        z = jax.random.normal(step_rng, x.shape, x.dtype)
-        x, mean = predictor_step(predictor, sde, score_at(x, t), x, t, z)
+        mean = x
         if corrector == 'langevin':
             for j in range(n_corrector):  # Unrolled: n_corrector is small (usually 1).
                 z = jax.random.normal(jax.random.fold_in(step_rng, j + 1), x.shape, x.dtype)
                 x, mean = corrector_step(sde, score_at(x, t), x, t, z, snr)
         elif corrector != 'none':
             raise ValueError(f'Unknown corrector {corrector!r}; valid: {", ".join(CORRECTORS)}')
+        if predictor != 'none':
+            z = jax.random.normal(step_rng, x.shape, x.dtype)
+            x, mean = predictor_step(predictor, sde, score_at(x, t), x, t, z)
         if known is not None:
             t_next = jnp.full((x.shape[0],), times[jnp.minimum(i + 1, sde.N - 1)], jnp.float32)
             noised = sde.q_sample(known['image'], t_next, jax.random.normal(
