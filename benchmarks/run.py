@@ -56,7 +56,7 @@ def configure_backends(xla_flags, with_torch=True):
     On a TPU or GPU the CPU settings have no effect."""
     from diffusion_jax import main as main_lib
     os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {xla_flags}'.strip()
-    cores = len(os.sched_getaffinity(0))
+    cores = main_lib.available_cores()
     main_lib.configure_cpu_backend(None, cores, fast_math=True)
     if with_torch:
         import torch

@@ -56,13 +56,20 @@ def configure_cpu_backend(config, cpu_devices, fast_math):
         if cpu_devices < 0:
             batch_sizes = (config.training.batch_size, config.sampling.batch_size,
                            config.eval.batch_size)
-            cpu_devices = len(os.sched_getaffinity(0))
+            cpu_devices = available_cores()
             while any(b % cpu_devices for b in batch_sizes):
                 cpu_devices -= 1
         if cpu_devices > 1:
             xla_flags += ' --xla_cpu_multi_thread_eigen=false'
             jax.config.update('jax_num_cpu_devices', cpu_devices)
     os.environ['XLA_FLAGS'] = xla_flags.strip()
+
+
+def available_cores():
+    """Cores this process may run on (all cores where the OS cannot say, e.g. macOS)."""
+    if hasattr(os, 'sched_getaffinity'):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def main(argv):
