@@ -1,15 +1,12 @@
 """LSUN church 256x256 (Ho et al. 2020, FID 7.89; 1.2M steps).
 
-Today these settings describe the released weights (ddpm-church-256); convert and sample:
+Converts and samples the released weights (ddpm-church-256)
+(no training yet: configs/hires.py):
 
     python -m diffusion_jax.convert --config=configs/lsun_church.py \
         --diffusers=/path/to/ddpm-church-256 --workdir=runs/lsun_church
     python -m diffusion_jax.main --config=configs/lsun_church.py \
         --workdir=runs/lsun_church --mode=sample --config.sampling.num_samples=16
-
-Training needs a dataset builder for data.name='lsun_church', which does not exist yet (there are
-mnist5k, digits and cifar10); the run stops naming the valid datasets. Meant for accelerators
-(TPU v3-8: ~2.2 steps/s at batch 64); see launch/ for pods.
 """
 
 from configs import hires
