@@ -334,3 +334,17 @@ def test_check_images_names_expected_and_actual_shapes():
         check_images(np.zeros((2, 28, 28, 1), np.uint8), image_size=32, channels=1)
     with pytest.raises(ValueError, match=r"\(32, 32, 3\).*\(32, 32, 1\)"):
         check_images(np.zeros((2, 32, 32, 3), np.uint8), image_size=32, channels=1)
+
+
+@pytest.mark.parametrize('spec,flips', [
+    ('mnist', False), ('mnist_cfg', False), ('mnist_classifier', False), ('mnist_score:vp', False),
+    ('mnist_score:ncsn', False), ('tiny', False), ('cifar10', True), ('cifar10_score:ve', True),
+    ('celebahq', True), ('lsun_church', True), ('lsun_bedroom', True), ('lsun_cat', False)])
+def test_only_the_papers_natural_image_configs_flip(spec, flips):
+    """Digits must not be mirrored; the paper flips CIFAR-10, CelebA-HQ and LSUN church and
+    bedroom, not LSUN cat."""
+    from diffusion_jax import config_cli
+    root = pathlib.Path(__file__).resolve().parents[1]
+    name, _, arg = spec.partition(':')
+    path = f'{root / "configs" / name}.py' + (f':{arg}' if arg else '')
+    assert config_cli.config_from_file(path).data.random_flip is flips
