@@ -92,9 +92,15 @@ _fingerprint_jit = jax.jit(_fingerprint)
 def fingerprints(state):
     """({array name: 16 hex digits}, [names of arrays with a NaN or Inf]) of a state."""
     names = leaf_names(state)
-    # One array at a time: on XLA:CPU, programs dispatched together may run concurrently, and
-    # the collectives of several of them (sharded arrays) can then wait on each other forever.
-    results = [jax.device_get(_fingerprint_jit(x)) for x in jax.tree.leaves(state)]
+    leaves = jax.tree.leaves(state)
+    if all(getattr(x, 'is_fully_replicated', True) for x in leaves):
+        # No collectives: dispatch every array's program, then wait once (a few hundred
+        # synchronous round trips would cost about a second per save).
+        results = jax.device_get([_fingerprint_jit(x) for x in leaves])
+    else:
+        # One array at a time: on XLA:CPU, programs dispatched together may run concurrently,
+        # and the collectives of several of them (sharded arrays) can wait on each other forever.
+        results = [jax.device_get(_fingerprint_jit(x)) for x in leaves]
     prints = {n: f'{int(h[0]):08x}{int(h[1]):08x}' for n, (h, _) in zip(names, results)}
     return prints, [n for n, (_, finite) in zip(names, results) if not finite]
 

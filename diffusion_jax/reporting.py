@@ -3,9 +3,27 @@
 import json
 import logging
 import os
+import sys
 
 import jax
 import numpy as np
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported here (only process 0 writes) and without torch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors (which we
+    never pass): about 2 s at every start of a run. Its import falls back cleanly without torch.
+    """
+    if 'torch' in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules['torch'] = None  # `import torch` now raises ImportError.
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules['torch']
+    return SummaryWriter
 
 
 class MetricWriter:
@@ -24,8 +42,7 @@ class MetricWriter:
                 rows = [r for r in read_metrics(self.jsonl_path) if r['step'] <= resume_step]
                 with open(self.jsonl_path, 'w') as f:
                     f.writelines(json.dumps(r) + '\n' for r in rows)
-            from tensorboardX import SummaryWriter  # Imported here: only process 0 writes.
-            self._writer = SummaryWriter(logdir)
+            self._writer = _summary_writer_class()(logdir)
 
     def write_scalars(self, step, scalars):
         scalars = {k: float(v) for k, v in scalars.items()}

@@ -1,12 +1,15 @@
 """Bad input fails with a message naming the problem, and nothing already saved is lost: each
-case runs against the workdir of a trained run, whose files must be byte-for-byte unchanged."""
+case runs against the workdir of a trained run (a copy of the suite's shared one, for this
+module), whose files must be byte-for-byte unchanged, and asks for more steps than it holds,
+so anything that got past the check would resume and write."""
 
 import hashlib
 import os
+import shutil
 
 import pytest
 
-from conftest import run_python
+from conftest import TINY_RUN_STEPS, run_python
 from configs import tiny
 from diffusion_jax import checkpointing, train
 
@@ -24,20 +27,23 @@ def files_of(workdir):
     return result
 
 
+MORE_STEPS = TINY_RUN_STEPS + 2
+
+
 def tiny_config(data_dir):
     config = tiny.get_config()
     config.data.data_dir = data_dir
     config.sampling.num_samples = 0
-    config.training.num_train_steps = 2
+    config.training.num_train_steps = MORE_STEPS
     config.training.checkpoint_every = 1
     return config
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, data_dir):
-    workdir = str(tmp_path_factory.mktemp('trained'))
-    train.train_and_evaluate(tiny_config(data_dir), workdir)
-    return workdir
+def trained(tmp_path_factory, trained_tiny):
+    workdir = tmp_path_factory.mktemp('bad_input') / 'trained'
+    shutil.copytree(trained_tiny, workdir)
+    return str(workdir)
 
 
 def cifar10_without_archive(c, tmp_path):
@@ -69,7 +75,6 @@ def test_bad_config_names_the_problem_and_keeps_the_run(trained, data_dir, tmp_p
     change, error, message = CASES[case]
     before = files_of(trained)
     config = tiny_config(data_dir)
-    config.training.num_train_steps = 4
     change(config, tmp_path)
     with pytest.raises(error, match=message):
         train.train_and_evaluate(config, trained)
@@ -86,7 +91,8 @@ def test_bad_command_line_names_the_problem_and_keeps_the_run(trained, data_dir,
                                                               devices, message):
     before = files_of(trained)
     result = run_python(['-m', 'diffusion_jax.main', '--config=configs/tiny.py',
-                         f'--workdir={trained}', f'--config.data.data_dir={data_dir}', *args],
+                         f'--workdir={trained}', f'--config.data.data_dir={data_dir}',
+                         f'--config.training.num_train_steps={MORE_STEPS}', *args],
                         num_devices=devices, check=False, timeout=300)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-3000:]

@@ -108,9 +108,11 @@ def test_shellcheck_clean():
         assert os.access(script, os.X_OK), f'{script} is not executable'
 
 
-def test_jax_pin_matches_setup_cfg():
-    pin = re.search(r'^\s*jax==(\S+)$', (ROOT / 'setup.cfg').read_text(), re.M).group(1)
+def test_jax_pin_matches_the_tested_constraints():
+    pin = re.search(r'^jax==(\S+)$', (ROOT / 'constraints.txt').read_text(), re.M).group(1)
     assert f"JAX_TPU='jax[tpu]=={pin}'" in TPU_SH.read_text()
+    # The library's own range admits it (and the TPU package of that version beside it).
+    assert re.search(rf'^\s*jax~={re.escape(pin)}$', (ROOT / 'setup.cfg').read_text(), re.M)
 
 
 def test_create_queued_resource(no_gcloud):

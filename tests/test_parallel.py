@@ -1,6 +1,8 @@
 """Data parallelism: 1 vs 8 devices, jit vs shard_map, and per-replica clipping.
 
-The 8-device runs happen in a subprocess (the device count is fixed when JAX starts).
+The 8-device runs happen in a subprocess (the device count is fixed when JAX starts), compiled
+with XLA optimizations off (compiling, not running, is its time; the 1- and 8-device runs share
+the setting, so what is compared is still only the sharding).
 """
 
 import numpy as np
@@ -12,7 +14,7 @@ from conftest import run_python
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp('multidevice') / 'results.npz'
-    run_python(['tests/multidevice_check.py', str(out)], num_devices=8)
+    run_python(['tests/multidevice_check.py', str(out)], num_devices=8, fast_compiles=True)
     return dict(np.load(out))
 
 

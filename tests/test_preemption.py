@@ -11,19 +11,16 @@ import time
 
 import pytest
 
-from conftest import ROOT, python_env
+from conftest import ROOT, TINY_RUN_STEPS as NUM_STEPS, python_env, tiny_run_command
 from diffusion_jax import reporting
 
 pytestmark = pytest.mark.slow
 
-NUM_STEPS = 24
-
 
 def command(workdir, data_dir, *overrides):
-    return [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
-            f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-            '--config.sampling.num_samples=0', '--config.training.log_every=1',
-            f'--config.training.num_train_steps={NUM_STEPS}', *overrides]
+    """The shared trained run's command (conftest.trained_tiny), without the sampling."""
+    return [sys.executable, *tiny_run_command(workdir, data_dir,
+                                              '--config.sampling.num_samples=0', *overrides)]
 
 
 def start(workdir, data_dir, *overrides):
@@ -63,12 +60,11 @@ def logged_steps(workdir):
     return len(reporting.read_metrics(path)) if os.path.exists(path) else 0
 
 
-@pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory, data_dir):
-    workdir = str(tmp_path_factory.mktemp('straight'))
-    returncode, stderr = finish(start(workdir, data_dir, '--config.training.checkpoint_every=5'))
-    assert returncode == 0, stderr[-3000:]
-    losses = curve(workdir)
+@pytest.fixture
+def uninterrupted(trained_tiny):
+    """The loss curve of the uninterrupted run: the suite's shared one, made by the same command
+    (plus its sample grids and final samples, which do not touch the training state)."""
+    losses = curve(trained_tiny)
     assert sorted(losses) == list(range(1, NUM_STEPS + 1))
     return losses
 

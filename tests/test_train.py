@@ -10,9 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_python
+from conftest import (ROOT, TINY_RUN_SAMPLE_EVERY, TINY_RUN_STEPS, run_python,
+                      tiny_run_command)
 from configs import tiny
 from diffusion_jax import reporting, toy, train
+
+# The in-process trainings compile with XLA optimizations off: compiling is their time, and each
+# comparison is between runs made with the same setting.
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 CONFIG_NAMES = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
                       if p.stem not in ('__init__', 'hires'))
@@ -50,11 +55,10 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, data_dir):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_main_end_to_end_and_rerun_resumes(tmp_path, data_dir):
-    workdir = tmp_path / 'run'
-    command = ['-m', 'diffusion_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
-               f'--config.data.data_dir={data_dir}']
-    run_python(command + ['--config.training.sample_every=3'])
+def test_main_end_to_end_and_rerun_resumes(trained_tiny, copy_of_trained_tiny, data_dir):
+    """The shared trained run (conftest.trained_tiny: the CLI's train mode) wrote everything it
+    promises; --mode=sample and --mode=eval on it; the same command with more steps resumes."""
+    workdir = trained_tiny
     with np.load(workdir / 'samples.npz') as f:
         samples = f['images']
     assert samples.shape == (16, 8, 8, 1) and samples.dtype == np.uint8
@@ -62,29 +66,37 @@ def test_main_end_to_end_and_rerun_resumes(tmp_path, data_dir):
     for name in ('samples.png', 'progressive.png', 'loss.png', 'config.json', 'metrics.jsonl'):
         assert (workdir / name).is_file(), name
     assert glob.glob(str(workdir / 'events.out.tfevents.*'))
-    assert (workdir / 'sample_grids' / 'step_00000003.png').is_file()  # sample_every=3
+    # A grid every sample_every steps before the last (the last step writes the final samples).
+    assert sorted(os.listdir(workdir / 'sample_grids')) == [
+        f'step_{step:08d}.png' for step in range(TINY_RUN_SAMPLE_EVERY, TINY_RUN_STEPS,
+                                                 TINY_RUN_SAMPLE_EVERY)]
     assert set(reporting.read_metrics(workdir / 'metrics.jsonl')[0]) >= {
         'loss', 'grad_norm', 'learning_rate', 'steps_per_sec', 'images_per_sec'}
-    assert (workdir / 'checkpoints' / '6').is_dir()
+    assert (workdir / 'checkpoints' / str(TINY_RUN_STEPS)).is_dir()
     assert json.loads((workdir / 'config.json').read_text())['data']['name'] == 'digits'
-    # --mode=sample and --mode=eval on the trained workdir.
+    # --mode=sample and --mode=eval on a copy of the trained workdir.
+    workdir = copy_of_trained_tiny
+    command = tiny_run_command(workdir, data_dir)
     (workdir / 'samples.npz').unlink()
-    run_python(command + ['--mode=sample'])
+    run_python(command + ['--mode=sample'], fast_compiles=True)
     with np.load(workdir / 'samples.npz') as f:
         np.testing.assert_array_equal(f['images'], samples)  # Same seed, same EMA weights.
     run_python(command + ['--mode=eval', '--config.eval.num_images=8',
-                          '--config.eval.batch_size=8', '--config.eval.timestep_chunk=7'])
+                          '--config.eval.batch_size=8', '--config.eval.timestep_chunk=7'],
+               fast_compiles=True)
     results = json.loads((workdir / 'eval.json').read_text())
-    assert results['num_images'] == 8 and results['step'] == 6
+    assert results['num_images'] == 8 and results['step'] == TINY_RUN_STEPS
     assert 0 < results['bits_per_dim'] < 20
     assert (workdir / 'rate_distortion.png').is_file()
     assert (workdir / 'interpolation.png').is_file()
     assert len((workdir / 'rate_distortion.csv').read_text().splitlines()) == 1 + 20
-    # The same command with more steps continues from step 6 instead of starting over.
-    result = run_python(command + ['--config.training.num_train_steps=8'])
-    assert 'Restored checkpoint at step 6' in result.stderr
-    assert max(losses_by_step(workdir)) == 8
-    assert (workdir / 'checkpoints' / '8').is_dir()
+    # The same command with more steps continues from the last step instead of starting over.
+    more = TINY_RUN_STEPS + 2
+    result = run_python(command + [f'--config.training.num_train_steps={more}'],
+                        fast_compiles=True)
+    assert f'Restored checkpoint at step {TINY_RUN_STEPS}' in result.stderr
+    assert max(losses_by_step(workdir)) == more
+    assert (workdir / 'checkpoints' / str(more)).is_dir()
 
 
 @pytest.mark.parametrize('override,message', [
@@ -156,7 +168,7 @@ def test_global_batch_must_divide_devices():
 def test_readme_commands_are_the_ones_ci_runs():
     readme = (ROOT / 'README.md').read_text()
     ci = (ROOT / '.ci' / 'run').read_text()
-    test_command = "pip install -e '.[test,parity]' && pytest"
+    test_command = "pip install -c constraints.txt -e '.[test,parity]' && pytest"
     assert test_command in readme and test_command in ci
     assert 'python -m diffusion_jax.main --config=configs/mnist.py --workdir=runs/mnist' in readme
     assert os.access(ROOT / '.ci' / 'run', os.X_OK)
