@@ -239,7 +239,8 @@ def test_few_step_study_script_runs_on_tiny(tmp_path, data_dir):
     docs.mkdir()
     run_python(['scripts/few_step_study.py', '--config=configs/tiny.py', f'--workdir={workdir}',
                 f'--config.data.data_dir={data_dir}', '--variants=dual', '--steps=2,20',
-                '--num_samples=16', '--bpd_images=16', f'--docs_dir={docs}'], num_devices=2)
+                '--num_samples=16', '--bpd_images=16', f'--docs_dir={docs}'], num_devices=2,
+               fast_compiles=True)
     report = json.loads((docs / 'few_step_study.json').read_text())
     rows = {(r['variant'], r['steps']): r for r in report['rows']}
     assert set(rows) == {('dual', 2), ('dual', 20)}

@@ -120,13 +120,14 @@ def test_guidance_settings_fail_with_a_clear_message(tmp_path, data_dir):
     assert 'classifier-free guidance needs a class-conditional U-Net' in result.stderr
 
 
-def test_guidance_study_script_runs_small(tmp_path):
+def test_guidance_study_script_runs_small(tmp_path, data_dir):
     """scripts/guidance_study.py end to end on MNIST-5k with a few steps of everything: both
     trainings, both sweeps, SDEdit, the report and figures."""
     workdir, docs = tmp_path / 'study', tmp_path / 'docs'
     docs.mkdir()
     run_python(['scripts/guidance_study.py', '--config=configs/mnist_cfg.py',
-                f'--workdir={workdir}', '--config.training.num_train_steps=10',
+                f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+                '--config.training.num_train_steps=10', '--config.training.batch_size=8',
                 '--config.training.log_every=5', '--config.sampling.batch_size=10',
                 '--classifier_steps=10', '--num_samples=20', '--edit_images=10',
                 '--ddim_steps=2', '--t0s=0.05', '--cfg_scales=0,1', '--classifier_scales=0,2',

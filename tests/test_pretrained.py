@@ -285,7 +285,8 @@ def test_convert_cli_then_sample_and_eval(tmp_path, data_dir):
                          '--config.model.ch=16'], check=False)
     assert result.returncode != 0 and '--config.model.ch=8' in result.stderr
     assert not workdir.exists()
-    run_python(['-m', 'diffusion_jax.convert', f'--diffusers={source}', *common])
+    run_python(['-m', 'diffusion_jax.convert', f'--diffusers={source}', *common],
+               fast_compiles=True)
     assert json.loads((workdir / 'conversion.json').read_text())['num_params'] > 0
     # A second conversion into the same workdir loses nothing.
     result = run_python(['-m', 'diffusion_jax.convert', f'--diffusers={source}', *common],
@@ -297,9 +298,9 @@ def test_convert_cli_then_sample_and_eval(tmp_path, data_dir):
     _, restored, step = train.restore_ema_params(config, str(workdir), parallel.make_mesh())
     assert step == 0
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(restored))
-    run_python(['-m', 'diffusion_jax.main', *common, '--mode=sample'])
+    run_python(['-m', 'diffusion_jax.main', *common, '--mode=sample'], fast_compiles=True)
     with np.load(workdir / 'samples.npz') as f:
         assert f['images'].shape == (16, 8, 8, 1) and f['images'].dtype == np.uint8
     run_python(['-m', 'diffusion_jax.main', *common, '--mode=eval',
-                '--config.eval.num_images=8', '--config.eval.batch_size=8'])
+                '--config.eval.num_images=8', '--config.eval.batch_size=8'], fast_compiles=True)
     assert np.isfinite(json.loads((workdir / 'eval.json').read_text())['bits_per_dim'])
