@@ -71,19 +71,33 @@ def pytest_configure(config):
         config.addinivalue_line('markers', f'{tier}: a test of the {tier} tier (docs/testing.md)')
 
 
-def pytest_collection_modifyitems(items):
+def pytest_itemcollected(item):
     """Marks each test with its tier. Under pytest-xdist (--dist loadgroup), the tests that share
     a module-scoped fixture of their module (a trained run, a subprocess's results) go to one
-    worker, so that fixture is made once; every other test goes to whichever worker is free."""
+    worker, so that fixture is made once; every other test goes to whichever worker is free.
+    (Here rather than in pytest_collection_modifyitems: xdist reads the groups in that hook.)"""
+    info = getattr(item, '_fixtureinfo', None)
+    if info is None or not hasattr(item, 'function'):
+        return
+    item.add_marker(getattr(pytest.mark, _tier(item, info)))
+    shares = any(d.scope == 'module' and d.argname != 'fast_compiles'
+                 for defs in info.name2fixturedefs.values() for d in defs)
+    if shares:
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """pytest-xdist 3.8 groups tests by an '@group' suffix it appends to `item._nodeid`, which
+    pytest 9 no longer reads (the node id lives in `item._id`): append it where pytest 9 keeps it.
+    Nothing to do where xdist's own suffix took effect, or outside an xdist loadgroup worker."""
+    if not config.getoption('loadgroup', False):
+        return
+    from _pytest.nodeid import coerce_node_id
     for item in items:
-        info = getattr(item, '_fixtureinfo', None)
-        if info is None or not hasattr(item, 'function'):
-            continue
-        item.add_marker(getattr(pytest.mark, _tier(item, info)))
-        shares = any(d.scope == 'module' and d.argname != 'fast_compiles'
-                     for defs in info.name2fixturedefs.values() for d in defs)
-        if shares:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        groups = sorted({str(m.args[0]) for m in item.iter_markers('xdist_group')})
+        if groups and '@' not in item.nodeid.rsplit(']', 1)[-1].rsplit('::', 1)[-1]:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")
 
 
 @pytest.fixture(scope='module')
