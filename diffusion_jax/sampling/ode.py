@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from diffusion_jax import sde as sde_lib
 from diffusion_jax.sampling import pc
 
-# diffrax's solver classes by name. diffrax is imported where an ODE is solved: it costs most
-# of a second at every start of the CLI, and only the score-SDE samplers and likelihoods use it.
-SOLVERS = ('tsit5', 'dopri5', 'dopri8', 'heun')
+# Our solver names -> diffrax's class names. diffrax is imported where an ODE is solved: it
+# costs most of a second at every start of the CLI, and only the score-SDE code uses it.
+SOLVERS = {'tsit5': 'Tsit5', 'dopri5': 'Dopri5', 'dopri8': 'Dopri8', 'heun': 'Heun'}
 
 
 def probability_flow_drift(model_apply, params, sde, x, t_scalar):
@@ -40,10 +40,9 @@ def solve(vector_field, y0, t0, t1, *, rtol, atol, solver='tsit5', max_steps=409
     if solver not in SOLVERS:
         raise ValueError(f'Unknown ODE solver {solver!r}; valid: {", ".join(SOLVERS)}')
     import diffrax
-    solver_class = {'tsit5': diffrax.Tsit5, 'dopri5': diffrax.Dopri5,
-                    'dopri8': diffrax.Dopri8, 'heun': diffrax.Heun}[solver]
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, y, args: vector_field(t, y)), solver_class(),
+        diffrax.ODETerm(lambda t, y, args: vector_field(t, y)),
+        getattr(diffrax, SOLVERS[solver])(),
         t0=t0, t1=t1, dt0=None, y0=y0,
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps)
     return jax.tree.map(lambda y: y[-1], sol.ys), sol.stats['num_steps']
