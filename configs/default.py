@@ -37,7 +37,10 @@ def get_config():
     model.dropout = 0.1
     model.resamp_with_conv = True  # Strided-conv downsampling and conv after nearest upsampling.
     model.num_groups = 32  # GroupNorm groups.
-    model.dtype = 'float32'  # Compute dtype (parameters stay float32).
+    # Mixed precision (the TPU practice): bfloat16 compute for the convolutions, dense layers and
+    # attention products; GroupNorm, softmax, the network output and the loss stay float32.
+    model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (| float64 for tests).
+    model.param_dtype = 'float32'  # Parameter (and EMA, Adam moment) storage dtype.
     # Gradient of the 3x3 convs: xla | matmul (faster on the CPU for >= 64 channels) | auto (matmul
     # on the CPU for layers with >= 64 channels, else xla).
     model.conv_backward = 'auto'

@@ -71,6 +71,7 @@ def make_model(config):
     task=noisy_classifier the classifier on the U-Net's encoder."""
     if config.task not in TASKS:
         raise ValueError(f'Unknown task {config.task!r}; valid: {", ".join(TASKS)}')
+    _check_precision(config.model)
     if config.task == 'noisy_classifier':
         if config.model.num_classes < 2:
             raise ValueError('task=noisy_classifier needs model.num_classes >= 2 (the classes it '
@@ -85,6 +86,18 @@ def make_model(config):
             f'mean_type {diffusion.mean_type!r} and var_type {diffusion.var_type!r} need '
             f'{expected}: set --config.model.out_ch={expected}')
     return UNet(**config.model)
+
+
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
+PARAM_DTYPES = ('float32', 'bfloat16', 'float64')
+
+
+def _check_precision(model_config):
+    for key, valid in (('dtype', COMPUTE_DTYPES), ('param_dtype', PARAM_DTYPES)):
+        value = model_config.get(key, 'float32')
+        if (value if isinstance(value, str) else jnp.dtype(value).name) not in valid:
+            raise ValueError(f'model.{key}={value!r} is not a supported dtype; valid: '
+                             f'{", ".join(valid)}')
 
 
 def make_model_apply(model):

@@ -25,6 +25,7 @@ class NoisyClassifier(unet.EncoderFields):
     def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
         """[B, H, W, C] x_t and [B] timesteps -> logits [B, num_classes] (at least float32)."""
         h, _, _ = unet.encode(self, x, t, train)
-        h = nn.swish(layers.group_norm(self.num_groups, name='norm_out', dtype=self.dtype)(h))
+        h = nn.swish(layers.group_norm(self.num_groups, name='norm_out', **layers.dtypes(self))(h))
         h = jnp.mean(h, axis=(1, 2), dtype=jnp.promote_types(self.dtype, jnp.float32))
-        return nn.Dense(self.num_classes, dtype=h.dtype, name='head')(h)
+        return nn.Dense(self.num_classes, dtype=h.dtype, param_dtype=self.param_dtype,
+                        name='head')(h)

@@ -17,6 +17,11 @@ from diffusion_jax.models import conv
 GROUP_NORM_EPSILON = 1e-6
 
 
+def dtypes(module: nn.Module) -> dict[str, Any]:
+    """The compute and parameter dtypes of `module`, as keyword arguments for its layers."""
+    return {'dtype': module.dtype, 'param_dtype': module.param_dtype}
+
+
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
     """The original's weight initialiser: variance scaling, fan_avg, uniform.
 
@@ -31,28 +36,31 @@ def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
 
 
 def conv3x3(features: int, *, name: str, dtype: Any, scale: float = 1.0, stride: int = 1,
-            conv_backward: str = 'xla') -> nn.Conv:
+            conv_backward: str = 'xla', param_dtype: Any = jnp.float32) -> nn.Conv:
     """3x3 convolution with TF 'SAME' padding (for stride 2 on even sizes: pad (0, 1)).
 
     `conv_backward` picks how stride-1 convolutions are differentiated (see models/conv.py).
     """
     return nn.Conv(features, (3, 3), strides=(stride, stride), padding='SAME',
                    kernel_init=default_init(scale), bias_init=nn.initializers.zeros,
-                   dtype=dtype, name=name,
+                   dtype=dtype, param_dtype=param_dtype, name=name,
                    conv_general_dilated=conv.conv_general_dilated(conv_backward))
 
 
-def nin(features: int, *, name: str, dtype: Any, scale: float = 1.0) -> nn.Dense:
+def nin(features: int, *, name: str, dtype: Any, scale: float = 1.0,
+        param_dtype: Any = jnp.float32) -> nn.Dense:
     """Network-in-network (1x1 conv) layer: a Dense on the channel axis, as in the original."""
     return nn.Dense(features, kernel_init=default_init(scale), bias_init=nn.initializers.zeros,
-                    dtype=dtype, name=name)
+                    dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def group_norm(num_groups: int, *, name: str, dtype: Any = jnp.float32) -> nn.GroupNorm:
+def group_norm(num_groups: int, *, name: str, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32) -> nn.GroupNorm:
     """GroupNorm computed in at least float32 whatever the compute dtype, for stable statistics
     (float64 stays float64, as the finite-difference tests need)."""
     return nn.GroupNorm(num_groups=num_groups, epsilon=GROUP_NORM_EPSILON,
-                        dtype=jnp.promote_types(dtype, jnp.float32), name=name)
+                        dtype=jnp.promote_types(dtype, jnp.float32), param_dtype=param_dtype,
+                        name=name)
 
 
 def get_timestep_embedding(t: jax.Array, embedding_dim: int) -> jax.Array:
@@ -88,12 +96,14 @@ class ResnetBlock(nn.Module):
       num_groups: GroupNorm groups.
       dtype: compute dtype.
       conv_backward: gradient of the 3x3 convolutions (models/conv.py).
+      param_dtype: parameter storage dtype.
     """
     out_ch: int
     dropout: float
     num_groups: int = 32
     dtype: Any = jnp.float32
     conv_backward: str = 'xla'
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
@@ -107,17 +117,17 @@ class ResnetBlock(nn.Module):
         Returns:
           [B, H, W, out_ch] features.
         """
-        h = nn.swish(group_norm(self.num_groups, name='norm1', dtype=self.dtype)(x))
-        h = conv3x3(self.out_ch, name='conv1', dtype=self.dtype,
+        h = nn.swish(group_norm(self.num_groups, name='norm1', **dtypes(self))(x))
+        h = conv3x3(self.out_ch, name='conv1', **dtypes(self),
                     conv_backward=self.conv_backward)(h)
-        h = h + nin(self.out_ch, name='temb_proj', dtype=self.dtype)(nn.swish(temb))[:, None, None]
-        h = nn.swish(group_norm(self.num_groups, name='norm2', dtype=self.dtype)(h))
+        h = h + nin(self.out_ch, name='temb_proj', **dtypes(self))(nn.swish(temb))[:, None, None]
+        h = nn.swish(group_norm(self.num_groups, name='norm2', **dtypes(self))(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         # Near-zero init (init_scale=0 in the original): each block starts as its shortcut path.
-        h = conv3x3(self.out_ch, name='conv2', dtype=self.dtype, scale=0.0,
+        h = conv3x3(self.out_ch, name='conv2', **dtypes(self), scale=0.0,
                     conv_backward=self.conv_backward)(h)
         if x.shape[-1] != self.out_ch:
-            x = nin(self.out_ch, name='nin_shortcut', dtype=self.dtype)(x)
+            x = nin(self.out_ch, name='nin_shortcut', **dtypes(self))(x)
         return x + h
 
 
@@ -127,9 +137,11 @@ class AttnBlock(nn.Module):
     Attributes:
       num_groups: GroupNorm groups.
       dtype: compute dtype (the softmax is in at least float32).
+      param_dtype: parameter storage dtype.
     """
     num_groups: int = 32
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -142,13 +154,13 @@ class AttnBlock(nn.Module):
           [B, H, W, C] features.
         """
         B, H, W, C = x.shape
-        h = group_norm(self.num_groups, name='norm', dtype=self.dtype)(x)
-        q, k, v = (nin(C, name=n, dtype=self.dtype)(h).reshape(B, H * W, C) for n in 'qkv')
+        h = group_norm(self.num_groups, name='norm', **dtypes(self))(x)
+        q, k, v = (nin(C, name=n, **dtypes(self))(h).reshape(B, H * W, C) for n in 'qkv')
         logits_dtype = jnp.promote_types(self.dtype, jnp.float32)
         w = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=logits_dtype) * (C ** -0.5)
         w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
         h = jnp.einsum('bqk,bkc->bqc', w, v).reshape(B, H, W, C)
-        h = nin(C, name='proj_out', dtype=self.dtype, scale=0.0)(h)
+        h = nin(C, name='proj_out', **dtypes(self), scale=0.0)(h)
         return x + h
 
 
@@ -158,9 +170,11 @@ class Downsample(nn.Module):
     Attributes:
       with_conv: use the strided conv (resamp_with_conv in the original).
       dtype: compute dtype.
+      param_dtype: parameter storage dtype.
     """
     with_conv: bool = True
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -173,7 +187,7 @@ class Downsample(nn.Module):
           [B, ceil(H / 2), ceil(W / 2), C] features.
         """
         if self.with_conv:
-            return conv3x3(x.shape[-1], name='conv', dtype=self.dtype, stride=2)(x)
+            return conv3x3(x.shape[-1], name='conv', **dtypes(self), stride=2)(x)
         # TF's 'SAME' avg_pool leaves padding out of the average.
         return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)
 
@@ -185,10 +199,12 @@ class Upsample(nn.Module):
       with_conv: follow the resize by a conv (resamp_with_conv in the original).
       dtype: compute dtype.
       conv_backward: gradient of the 3x3 convolution (models/conv.py).
+      param_dtype: parameter storage dtype.
     """
     with_conv: bool = True
     dtype: Any = jnp.float32
     conv_backward: str = 'xla'
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -203,6 +219,6 @@ class Upsample(nn.Module):
         # At an exact 2x factor TF's align_corners nearest resize is plain pixel repetition.
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.with_conv:
-            x = conv3x3(x.shape[-1], name='conv', dtype=self.dtype,
+            x = conv3x3(x.shape[-1], name='conv', **dtypes(self),
                         conv_backward=self.conv_backward)(x)
         return x

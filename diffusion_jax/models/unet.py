@@ -25,7 +25,9 @@ class EncoderFields(nn.Module):
       dropout: dropout rate inside the ResnetBlocks (active only when train=True).
       resamp_with_conv: convolutions in Downsample/Upsample (else avg-pool / plain resize).
       num_groups: GroupNorm groups.
-      dtype: compute dtype; parameters stay float32.
+      dtype: compute dtype of the convolutions, dense layers and attention products (the
+        mixed-precision policy: with bfloat16 the GroupNorms, softmax, output and loss stay float32).
+      param_dtype: parameter storage dtype (float32 under the mixed-precision policy).
       conv_backward: how the 3x3 convolutions are differentiated: 'xla', 'matmul' (faster on
         the CPU for wide layers, same gradient; models/conv.py) or 'auto' (matmul on the CPU for
         layers of >= 64 channels, else xla).
@@ -39,6 +41,7 @@ class EncoderFields(nn.Module):
     num_groups: int = 32
     dtype: Any = jnp.float32
     conv_backward: str = 'xla'
+    param_dtype: Any = jnp.float32
 
 
 class UNet(EncoderFields):
@@ -75,7 +78,7 @@ class UNet(EncoderFields):
           float32 array of shape [B, H, W, out_ch].
         """
         h, hs, temb = encode(self, x, t, train, y)
-        dtype, groups, conv_backward = self.dtype, self.num_groups, self.conv_backward
+        groups, conv_backward = self.num_groups, self.conv_backward
 
         # Upsampling; one more block per level than on the way down consumes the downsample skips.
         for i in reversed(range(len(self.ch_mult))):
@@ -84,25 +87,25 @@ class UNet(EncoderFields):
                 h = _maybe_attn(self, _resnet(self, self.ch_mult[i], f'up_{i}_block_{j}')(
                     h, temb, train), f'up_{i}_attn_{j}')
             if i != 0:
-                h = layers.Upsample(self.resamp_with_conv, dtype, conv_backward,
-                                    name=f'up_{i}_upsample')(h)
+                h = layers.Upsample(self.resamp_with_conv, conv_backward=conv_backward,
+                                    name=f'up_{i}_upsample', **layers.dtypes(self))(h)
         assert not hs, 'every skip connection is consumed'
 
-        h = nn.swish(layers.group_norm(groups, name='norm_out')(h))
-        h = layers.conv3x3(self.out_ch, name='conv_out', dtype=dtype, scale=0.0,
-                           conv_backward=conv_backward)(h)
+        h = nn.swish(layers.group_norm(groups, name='norm_out', **layers.dtypes(self))(h))
+        h = layers.conv3x3(self.out_ch, name='conv_out', scale=0.0, conv_backward=conv_backward,
+                           **layers.dtypes(self))(h)
         return h.astype(jnp.float32)
 
 
 def _resnet(m, mult, name):
-    return layers.ResnetBlock(m.ch * mult, m.dropout, m.num_groups, m.dtype, m.conv_backward,
-                              name=name)
+    return layers.ResnetBlock(m.ch * mult, m.dropout, m.num_groups,
+                              conv_backward=m.conv_backward, name=name, **layers.dtypes(m))
 
 
 def _maybe_attn(m, h, name):
     if h.shape[1] not in m.attn_resolutions:
         return h
-    return layers.AttnBlock(m.num_groups, m.dtype, name=name)(h)
+    return layers.AttnBlock(m.num_groups, name=name, **layers.dtypes(m))(h)
 
 
 def encode(m, x, t, train, y=None):
@@ -122,25 +125,25 @@ def encode(m, x, t, train, y=None):
     if x.shape[1] % 2 ** (len(m.ch_mult) - 1):
         raise ValueError(f'image size {x.shape[1]} cannot be halved {len(m.ch_mult) - 1} '
                          f'times evenly, as ch_mult={m.ch_mult} needs')
-    dtype = m.dtype
+    dtypes = layers.dtypes(m)
     temb = layers.get_timestep_embedding(t, m.ch)
-    temb = layers.nin(m.ch * 4, name='temb_dense0', dtype=dtype)(temb)
-    temb = layers.nin(m.ch * 4, name='temb_dense1', dtype=dtype)(nn.swish(temb))
+    temb = layers.nin(m.ch * 4, name='temb_dense0', **dtypes)(temb)
+    temb = layers.nin(m.ch * 4, name='temb_dense1', **dtypes)(nn.swish(temb))
     temb = temb + _label_embedding(m, y, x.shape[0])
 
     # Downsampling; every intermediate output is kept as a skip connection.
-    hs = [layers.conv3x3(m.ch, name='conv_in', dtype=dtype,
-                         conv_backward=m.conv_backward)(x.astype(dtype))]
+    hs = [layers.conv3x3(m.ch, name='conv_in', conv_backward=m.conv_backward,
+                         **dtypes)(x.astype(m.dtype))]
     for i, mult in enumerate(m.ch_mult):
         for j in range(m.num_res_blocks):
             h = _resnet(m, mult, f'down_{i}_block_{j}')(hs[-1], temb, train)
             hs.append(_maybe_attn(m, h, f'down_{i}_attn_{j}'))
         if i != len(m.ch_mult) - 1:
-            down = layers.Downsample(m.resamp_with_conv, dtype, name=f'down_{i}_downsample')
+            down = layers.Downsample(m.resamp_with_conv, name=f'down_{i}_downsample', **dtypes)
             hs.append(down(hs[-1]))
 
     h = _resnet(m, m.ch_mult[-1], 'mid_block_1')(hs[-1], temb, train)
-    h = layers.AttnBlock(m.num_groups, dtype, name='mid_attn_1')(h)
+    h = layers.AttnBlock(m.num_groups, name='mid_attn_1', **dtypes)(h)
     h = _resnet(m, m.ch_mult[-1], 'mid_block_2')(h, temb, train)
     return h, hs, temb
 
@@ -158,4 +161,5 @@ def _label_embedding(m, y, batch_size):
         raise ValueError(f'a class-conditional network (num_classes={num_classes}) needs labels '
                          f'y of shape [B] = ({batch_size},), got '
                          f'{None if y is None else jnp.shape(y)}')
-    return nn.Embed(num_classes + 1, m.ch * 4, name='label_emb')(jnp.asarray(y, jnp.int32))
+    return nn.Embed(num_classes + 1, m.ch * 4, param_dtype=m.param_dtype,
+                    name='label_emb')(jnp.asarray(y, jnp.int32))
