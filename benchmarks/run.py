@@ -25,13 +25,18 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name: (kind, config, batch or images, reverse steps, rounds, calls per measurement)
+# name: (kind, config, batch or images, reverse steps, rounds, calls per measurement[, precision])
+# precision 'bfloat16': ours with the mixed-precision policy (model.dtype); the peer under
+# torch.autocast(bfloat16) on CPUs with bfloat16 matmul units, else in float32
+# (`workloads.peer_precision`). Both keep float32 parameters.
 CASES = {
     'train_cifar10_b8': ('train', 'cifar10', 8, None, 5, 2),
     'train_cifar10_b32': ('train', 'cifar10', 32, None, 5, 1),
+    'train_cifar10_b32_bf16': ('train', 'cifar10', 32, None, 3, 1, 'bfloat16'),
     'train_mnist_b32': ('train', 'mnist', 32, None, 5, 10),
     'sample_mnist_16x1000': ('sample', 'mnist', 16, 1000, 3, 1),
     'sample_cifar10_16x20': ('sample', 'cifar10', 16, 20, 3, 1),
+    'sample_cifar10_16x20_bf16': ('sample', 'cifar10', 16, 20, 3, 1, 'bfloat16'),
 }
 # Seconds-long cases that check the harness itself (tests/test_benchmarks.py); never reported.
 SMOKE_CASES = {
@@ -63,6 +68,10 @@ def configure_backends(xla_flags, with_torch=True):
         torch.set_num_threads(cores)
 
 
+def precision(case):
+    return CASES[case][6] if len(CASES[case]) > 6 else 'float32'
+
+
 def load_config(name):
     import importlib
     return importlib.import_module(f'configs.{name}').get_config()
@@ -70,8 +79,9 @@ def load_config(name):
 
 def make_workload(case, side):
     from benchmarks import workloads
-    kind, config_name, size, steps, _, _ = CASES[case]
+    kind, config_name, size, steps, *_ = CASES[case]
     config = load_config(config_name)
+    config.model.dtype = precision(case)
     if kind == 'train':
         cls = workloads.JaxTrain if side == 'ours' else workloads.TorchTrain
         return cls(config, size)
@@ -81,7 +91,7 @@ def make_workload(case, side):
 
 def measure(case, rounds, monitor, sides):
     """Alternating rounds of the sides; per side the throughput of every round."""
-    _, _, _, _, _, calls = CASES[case]
+    calls = CASES[case][5]
     sides = {side: make_workload(case, side) for side in sides}
     first_call = {side: w.prepare() for side, w in sides.items()}
     rates = {side: [] for side in sides}
@@ -105,8 +115,12 @@ def peak_memory(case, side, xla_flags):
 
 def summarize(case, rates, first_call, other_cores, gflop_per_unit, ceiling):
     kind = CASES[case][0]
+    from benchmarks import workloads
+    config = load_config(CASES[case][1])
+    config.model.dtype = precision(case)
     out = {'case': case, 'unit': 'images/s' if kind == 'train' else 'image-steps/s',
-           'other_cores': round(other_cores, 3)}
+           'other_cores': round(other_cores, 3), 'precision': precision(case),
+           'peer_precision': workloads.peer_precision(config)}
     for side in rates:
         median = statistics.median(rates[side])
         out[side] = {'median': median, 'min': min(rates[side]), 'max': max(rates[side]),
@@ -127,8 +141,11 @@ def markdown_table(results):
         o, p, ratio = r['ours'], r.get('peer', nan), r['ratio'] or float('nan')
         memory = (f'{o["peak_rss_mib"]:.0f} / {p.get("peak_rss_mib", float("nan")):.0f}'
                   if 'peak_rss_mib' in o else 'n/a')
+        name = r['case']
+        if r.get('precision', 'float32') != r.get('peer_precision', 'float32'):
+            name += f' (diffusers in {r["peer_precision"]}: no bf16 matmul on this CPU)'
         lines.append(
-            f'| {r["case"]} | {r["unit"]} | {o["median"]:.1f} ({o["min"]:.1f}–{o["max"]:.1f}) '
+            f'| {name} | {r["unit"]} | {o["median"]:.1f} ({o["min"]:.1f}–{o["max"]:.1f}) '
             f'| {p["median"]:.1f} ({p["min"]:.1f}–{p["max"]:.1f}) | **{ratio:.2f}×** '
             f'| {o["first_call_s"]:.1f} / {p["first_call_s"]:.1f} | {memory} '
             f'| {o["fraction_of_matmul_ceiling"]:.2f} / {p["fraction_of_matmul_ceiling"]:.2f} |')

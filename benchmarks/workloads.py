@@ -98,6 +98,22 @@ class JaxSample:
                                              jax.random.key(2), self.t_start))
 
 
+def peer_precision(config):
+    """The peer's precision for our config's: bfloat16 autocast where the CPU has bfloat16
+    matmul units (else float32, the peer's fastest)."""
+    from benchmarks import machine
+    return 'bfloat16' if config.model.dtype == 'bfloat16' and machine.has_bf16_matmul() \
+        else 'float32'
+
+
+def _autocast(config):
+    import contextlib
+    import torch
+    if peer_precision(config) == 'bfloat16':
+        return torch.autocast('cpu', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _torch_unet(config, train_mode):
     import diffusers
     import torch
@@ -127,6 +143,7 @@ class TorchTrain:
         size, channels = config.data.image_size, config.data.channels
         self.images = torch.rand(batch_size, channels, size, size) * 2 - 1
         self.grad_clip = config.optim.grad_clip
+        self.config = config
 
     def prepare(self):
         return _timed(self.run)
@@ -136,8 +153,9 @@ class TorchTrain:
         x0 = self.images
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],))
-        loss = torch.nn.functional.mse_loss(
-            self.unet(self.scheduler.add_noise(x0, noise, t), t).sample, noise)
+        with _autocast(self.config):
+            output = self.unet(self.scheduler.add_noise(x0, noise, t), t).sample
+        loss = torch.nn.functional.mse_loss(output.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.grad_clip)
         self.optimizer.step()
@@ -158,6 +176,7 @@ class TorchSample:
         self.generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(num_images, channels, size, size, generator=self.generator)
         self.num_steps = num_steps
+        self.config = config
 
     def prepare(self):
         return _timed(self.run)
@@ -167,6 +186,8 @@ class TorchSample:
         x = self.x
         with torch.inference_mode():
             for t in self.scheduler.timesteps[:self.num_steps]:
-                x = self.scheduler.step(self.unet(x, t).sample, t, x,
+                with _autocast(self.config):
+                    output = self.unet(x, t).sample
+                x = self.scheduler.step(output.float(), t, x,
                                         generator=self.generator).prev_sample
         return x
