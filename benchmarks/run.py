@@ -48,6 +48,8 @@ SMOKE_CASES = {
 TPU_CASES = {
     'train_cifar10_b128': ('train', 'cifar10', 128, None, 5, 20),
     'sample_cifar10_256x1000': ('sample', 'cifar10', 256, 1000, 3, 1),
+    'train_cifar10_b128_bf16': ('train', 'cifar10', 128, None, 5, 20, 'bfloat16'),
+    'sample_cifar10_256x1000_bf16': ('sample', 'cifar10', 256, 1000, 3, 1, 'bfloat16'),
 }
 CASES.update(SMOKE_CASES)
 CASES.update(TPU_CASES)

@@ -29,3 +29,17 @@ def test_quick_benchmark_of_the_smoke_cases(tmp_path):
 def test_unknown_case_is_named():
     result = run_python(['-m', 'benchmarks.run', '--cases=nope'], check=False)
     assert result.returncode != 0 and "unknown case(s) ['nope']" in result.stderr
+
+
+def test_profile_groups_thunk_time_by_the_program_op():
+    result = run_python(['-m', 'benchmarks.profile', '--case=train_tiny_b16', '--calls=1',
+                         '--top=200'])
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith('train_tiny_b16: ') and 'thunk-seconds over 1 calls' in lines[0]
+    rows = [line.split('|', 1)[1].strip() for line in lines[1:]]
+    # The forward convolutions and their gradients each appear, blocks merged into one row.
+    assert 'jvp(UNet)/X/conv1/conv_general_dilated' in rows
+    assert any(row.startswith('transpose(jvp(UNet))/X/conv1/') for row in rows)
+    assert not any('down_0_block_0' in row for row in rows)
+    shares = [float(line.split('%')[0].split()[-1]) for line in lines[1:]]
+    assert shares == sorted(shares, reverse=True) and 95 <= sum(shares) <= 100.5  # (rounded)

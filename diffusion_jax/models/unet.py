@@ -26,7 +26,8 @@ class EncoderFields(nn.Module):
       resamp_with_conv: convolutions in Downsample/Upsample (else avg-pool / plain resize).
       num_groups: GroupNorm groups.
       dtype: compute dtype of the convolutions, dense layers and attention products (the
-        mixed-precision policy: with bfloat16 the GroupNorms, softmax, output and loss stay float32).
+        mixed-precision policy: with bfloat16 the GroupNorms, softmax, output and loss stay
+        float32).
       param_dtype: parameter storage dtype (float32 under the mixed-precision policy).
       conv_backward: how the 3x3 convolutions are differentiated: 'xla', 'matmul' (faster on
         the CPU for wide layers, same gradient; models/conv.py) or 'auto' (matmul on the CPU for
