@@ -70,20 +70,22 @@ def configure_backends(xla_flags, with_torch=True):
         torch.set_num_threads(cores)
 
 
-def precision(case):
-    return CASES[case][6] if len(CASES[case]) > 6 else 'float32'
-
-
 def load_config(name):
     import importlib
     return importlib.import_module(f'configs.{name}').get_config()
 
 
+def case_config(case):
+    """The config of a case, its precision as the compute dtype."""
+    config = load_config(CASES[case][1])
+    config.model.dtype = CASES[case][6] if len(CASES[case]) > 6 else 'float32'
+    return config
+
+
 def make_workload(case, side):
     from benchmarks import workloads
-    kind, config_name, size, steps, *_ = CASES[case]
-    config = load_config(config_name)
-    config.model.dtype = precision(case)
+    kind, _, size, steps, *_ = CASES[case]
+    config = case_config(case)
     if kind == 'train':
         cls = workloads.JaxTrain if side == 'ours' else workloads.TorchTrain
         return cls(config, size)
@@ -118,10 +120,9 @@ def peak_memory(case, side, xla_flags):
 def summarize(case, rates, first_call, other_cores, gflop_per_unit, ceiling):
     kind = CASES[case][0]
     from benchmarks import workloads
-    config = load_config(CASES[case][1])
-    config.model.dtype = precision(case)
+    config = case_config(case)
     out = {'case': case, 'unit': 'images/s' if kind == 'train' else 'image-steps/s',
-           'other_cores': round(other_cores, 3), 'precision': precision(case),
+           'other_cores': round(other_cores, 3), 'precision': config.model.dtype,
            'peer_precision': workloads.peer_precision(config)}
     for side in rates:
         median = statistics.median(rates[side])
