@@ -79,7 +79,7 @@ class UNet(EncoderFields):
           float32 array of shape [B, H, W, out_ch].
         """
         h, hs, temb = encode(self, x, t, train, y)
-        groups, conv_backward = self.num_groups, self.conv_backward
+        groups, conv_backward, dtypes = self.num_groups, self.conv_backward, layers.dtypes(self)
 
         # Upsampling; one more block per level than on the way down consumes the downsample skips.
         for i in reversed(range(len(self.ch_mult))):
@@ -89,12 +89,12 @@ class UNet(EncoderFields):
                     h, temb, train), f'up_{i}_attn_{j}')
             if i != 0:
                 h = layers.Upsample(self.resamp_with_conv, conv_backward=conv_backward,
-                                    name=f'up_{i}_upsample', **layers.dtypes(self))(h)
+                                    name=f'up_{i}_upsample', **dtypes)(h)
         assert not hs, 'every skip connection is consumed'
 
-        h = nn.swish(layers.group_norm(groups, name='norm_out', **layers.dtypes(self))(h))
+        h = nn.swish(layers.group_norm(groups, name='norm_out', **dtypes)(h))
         h = layers.conv3x3(self.out_ch, name='conv_out', scale=0.0, conv_backward=conv_backward,
-                           **layers.dtypes(self))(h)
+                           **dtypes)(h)
         return h.astype(jnp.float32)
 
 
