@@ -23,4 +23,5 @@ def get_config():
     config.model.dropout = 0.1
     config.training.num_train_steps = 1500
     config.sampling.num_samples = 0
+    config.eval.num_images = 500  # The whole test split, for the accuracy by t.
     return config

@@ -4,8 +4,8 @@
         --docs_dir=docs
 
 Trains (or resumes) the class-conditional U-Net of the config and the noise-aware classifier of
-configs/mnist_classifier.py, then measures with the frozen evaluation classifier (the one behind
-FD-MNIST5k, never trained on samples):
+--classifier_config (configs/mnist_classifier.py, overridable like --config), then measures
+with the frozen evaluation classifier (the one behind FD-MNIST5k, never trained on samples):
 
   classifier-free guidance  w in --cfg_scales: (1 + w) ε(x, y) - w ε(x, ∅)
   classifier guidance       s in --classifier_scales, on the same network's unconditional
@@ -30,6 +30,7 @@ import time
 
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -43,7 +44,11 @@ flags.DEFINE_list('t0s', ['0.25', '0.5', '0.75', '1.0'], 'SDEdit start times.')
 flags.DEFINE_integer('num_samples', 200, 'Samples per guidance setting (labels cycle).')
 flags.DEFINE_integer('ddim_steps', 50, 'DDIM steps of guided sampling.')
 flags.DEFINE_integer('edit_images', 100, 'Test digits turned into strokes for SDEdit.')
-flags.DEFINE_integer('classifier_steps', None, 'Override the classifier config\'s steps.')
+config_flags.DEFINE_config_file(
+    'classifier_config', str(pathlib.Path(__file__).resolve().parents[1] / 'configs' /
+                             'mnist_classifier.py'),
+    'The noise-aware classifier, e.g. --classifier_config.training.num_train_steps=500.',
+    lock_config=True)
 flags.DEFINE_string('docs_dir', None, 'Also copy the report and figures here.')
 
 FIGURES = ('guidance_study.png', 'guidance_cfg_samples.png', 'guidance_classifier_samples.png',
@@ -55,20 +60,16 @@ class Study:
 
     def __init__(self, config, workdir):
         import jax
-        from configs import mnist_classifier
         from diffusion_jax import evaluate, parallel, train
         self.config, self.workdir = config, workdir
         self.mesh = parallel.make_mesh()
         self.results = dict(command='python ' + ' '.join(sys.argv))
         start = time.perf_counter()
         train.train_and_evaluate(config, os.path.join(workdir, 'conditional'))
-        clf_config = mnist_classifier.get_config()
-        if FLAGS.classifier_steps:
-            clf_config.training.num_train_steps = FLAGS.classifier_steps
+        clf_config = FLAGS.classifier_config
         clf_dir = os.path.join(workdir, 'classifier')
         train.train_and_evaluate(clf_config, clf_dir)
         self.results['train_seconds'] = time.perf_counter() - start
-        clf_config.eval.num_images = 500
         self.results['noisy_classifier'] = evaluate.evaluate(clf_config, clf_dir)
         self.process = train.make_diffusion(config.diffusion)
         self.model, self.params, step = train.restore_ema_params(
@@ -162,13 +163,9 @@ class Study:
 
 def quality(samples, labels):
     """Accuracy of the evaluation classifier on the requested labels, and FD-MNIST5k / IS."""
-    import numpy as np
-    from diffusion_jax.evaluation import classifier, feature_metrics
-    _, logits = classifier.features_and_logits(samples)
-    metrics = feature_metrics.mnist5k_metrics(samples)
-    return dict(accuracy=float(np.mean(logits.argmax(-1) == labels)),
-                fd_mnist5k=metrics['fd_mnist5k'], classifier_is=metrics['classifier_is'],
-                num_samples=len(samples))
+    from diffusion_jax.evaluation import feature_metrics
+    metrics = feature_metrics.mnist5k_metrics(samples, labels=labels)
+    return {k: metrics[k] for k in ('accuracy', 'fd_mnist5k', 'classifier_is', 'num_samples')}
 
 
 def edit_metrics(edited, guides, originals, labels):
@@ -182,21 +179,6 @@ def edit_metrics(edited, guides, originals, labels):
     q = quality(edited, labels)
     return dict(l2_to_guide=l2(edited, guides), l2_to_original=l2(edited, originals),
                 fd_mnist5k=q['fd_mnist5k'], accuracy=q['accuracy'])
-
-
-def real_data_floor(config, n, num_subsets=8):
-    """FD-MNIST5k of n real training digits (the floor of the sample metrics at this n); not test
-    digits, which are the reference set itself."""
-    import numpy as np
-    from diffusion_jax.data import pipeline as data_pipeline
-    train_images, train_labels = data_pipeline.load_split(config.data.name, 'train',
-                                                          data_dir=config.data.data_dir)
-    rows = [quality(train_images[i * n:(i + 1) * n], train_labels[i * n:(i + 1) * n])
-            for i in range(num_subsets)]
-    return dict(num_samples=n, subsets=len(rows),
-                fd_mnist5k=float(np.mean([r['fd_mnist5k'] for r in rows])),
-                fd_mnist5k_std=float(np.std([r['fd_mnist5k'] for r in rows])),
-                accuracy=float(np.mean([r['accuracy'] for r in rows])))
 
 
 def write_report(results, grids, out_dir):
@@ -264,7 +246,11 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
     config.sampling.num_samples = 0  # The study samples itself.
     study = Study(config, FLAGS.workdir)
-    study.results['real_data_floor'] = real_data_floor(config, FLAGS.num_samples)
+    from diffusion_jax.data import pipeline as data_pipeline
+    from diffusion_jax.evaluation import feature_metrics
+    study.results['real_data_floor'] = feature_metrics.real_digit_floor(
+        *data_pipeline.load_split(config.data.name, 'train', data_dir=config.data.data_dir),
+        FLAGS.num_samples)
     grids = {}
     free = sampling.make_sampling_model(study.model, study.process, 'classifier_free')
     grids['classifier_free'] = study.sweep(

@@ -143,10 +143,17 @@ def test_fd_mnist5k_test_train_and_noise(mnist5k):
     assert mu_ref.dtype == np.float64 and sigma_ref.dtype == np.float64
     scale = np.trace(sigma_ref)
 
-    test_metrics = feature_metrics.mnist5k_metrics(mnist5k['test'][0], kid_num_subsets=10)
+    images, labels = mnist5k['test']
+    test_metrics = feature_metrics.mnist5k_metrics(images, labels=labels, kid_num_subsets=10)
     assert set(test_metrics) == {'fd_mnist5k', 'kid_mean', 'kid_std', 'classifier_is',
-                                 'num_samples'}
+                                 'num_samples', 'class_counts', 'accuracy'}
     assert test_metrics['num_samples'] == 500
+    # The classifier's predictions of the 50 test digits per class, and its accuracy on them.
+    _, logits = classifier_lib.features_and_logits(images)
+    assert test_metrics['class_counts'] == np.bincount(logits.argmax(-1), minlength=10).tolist()
+    assert sum(test_metrics['class_counts']) == 500
+    assert all(45 <= c <= 55 for c in test_metrics['class_counts'])
+    assert test_metrics['accuracy'] == np.mean(logits.argmax(-1) == labels) >= 0.97
     assert abs(test_metrics['fd_mnist5k']) < 1e-6 * scale
     # KID of a set against itself is negative (the cross term keeps the self-similarities).
     assert test_metrics['kid_mean'] < 0 and test_metrics['kid_std'] < 1e-6
@@ -163,3 +170,21 @@ def test_fd_mnist5k_test_train_and_noise(mnist5k):
     assert noise['fd_mnist5k'] > 20 * train['fd_mnist5k']
     assert noise['kid_mean'] > 100 * abs(train['kid_mean'])
     assert train['classifier_is'] > noise['classifier_is']
+
+
+def test_real_digit_floor_is_the_mean_over_disjoint_sets(mnist5k):
+    images, labels = mnist5k['train']
+    floor = feature_metrics.real_digit_floor(images, labels, 100, num_subsets=3)
+    rows = [feature_metrics.mnist5k_metrics(images[i * 100:(i + 1) * 100],
+                                            labels=labels[i * 100:(i + 1) * 100],
+                                            kid_num_subsets=10) for i in range(3)]
+    for key in ('fd_mnist5k', 'classifier_is', 'accuracy'):
+        values = [r[key] for r in rows]
+        assert floor[key] == pytest.approx(np.mean(values), rel=1e-12)
+        assert floor[key + '_std'] == pytest.approx(np.std(values), rel=1e-12, abs=1e-12)
+    assert floor['fd_mnist5k_std'] > 0 and (floor['num_samples'], floor['subsets']) == (100, 3)
+    # Fewer samples, larger bias: 100 real digits sit well above the 500-digit value.
+    assert floor['fd_mnist5k'] > feature_metrics.mnist5k_metrics(
+        images[:500], kid_num_subsets=10)['fd_mnist5k']
+    with pytest.raises(ValueError, match='3 disjoint sets of 2000 need 6000 images'):
+        feature_metrics.real_digit_floor(images, labels, 2000, num_subsets=3)

@@ -129,7 +129,11 @@ def test_guidance_study_script_runs_small(tmp_path, data_dir):
                 f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
                 '--config.training.num_train_steps=10', '--config.training.batch_size=8',
                 '--config.training.log_every=5', '--config.sampling.batch_size=10',
-                '--classifier_steps=10', '--num_samples=20', '--edit_images=10',
+                '--classifier_config.training.num_train_steps=10',
+                '--classifier_config.training.batch_size=8',
+                '--classifier_config.eval.num_images=20',
+                f'--classifier_config.data.data_dir={data_dir}',
+                '--num_samples=20', '--edit_images=10',
                 '--ddim_steps=2', '--t0s=0.05', '--cfg_scales=0,1', '--classifier_scales=0,2',
                 f'--docs_dir={docs}'], num_devices=2, fast_compiles=True, timeout=1500)
     report = json.loads((docs / 'guidance_study.json').read_text())

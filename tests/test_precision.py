@@ -18,6 +18,8 @@ TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_
 MATMULS = {'conv_general_dilated', 'dot_general'}
 # Ops whose accuracy the policy keeps in float32: GroupNorm statistics, the softmax, the output.
 FLOAT32_OPS = {'reduce_sum', 'reduce_max', 'exp', 'rsqrt', 'div'}
+# The policy is decided in the jaxpr (which dtype each op gets), not by XLA's optimizations.
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _equations(jaxpr):

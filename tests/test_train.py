@@ -168,7 +168,7 @@ def test_global_batch_must_divide_devices():
 def test_readme_commands_are_the_ones_ci_runs():
     readme = (ROOT / 'README.md').read_text()
     ci = (ROOT / '.ci' / 'run').read_text()
-    test_command = "pip install -c constraints.txt -e '.[test,parity]' && pytest"
+    test_command = "pip install --no-compile -c constraints.txt -e '.[test,parity]' && pytest"
     assert test_command in readme and test_command in ci
     assert 'python -m diffusion_jax.main --config=configs/mnist.py --workdir=runs/mnist' in readme
     assert os.access(ROOT / '.ci' / 'run', os.X_OK)

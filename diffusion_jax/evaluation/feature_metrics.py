@@ -84,7 +84,7 @@ def mnist5k_reference():
     return mu, sigma, features
 
 
-def mnist5k_metrics(samples_uint8, *, batch_size=500, kid_num_subsets=100,
+def mnist5k_metrics(samples_uint8, *, labels=None, batch_size=500, kid_num_subsets=100,
                     kid_subset_size=1000, is_splits=10, seed=0):
     """FD-MNIST5k, KID and classifier IS of uint8 samples [N, 28, 28, 1] vs the test split.
 
@@ -92,7 +92,10 @@ def mnist5k_metrics(samples_uint8, *, batch_size=500, kid_num_subsets=100,
     FD-MNIST5k is biased in N: compare values only at equal `num_samples`.
 
     Returns:
-      dict(fd_mnist5k, kid_mean, kid_std, classifier_is, num_samples).
+      dict(fd_mnist5k, kid_mean, kid_std, classifier_is, num_samples, class_counts): the last
+      is how many samples the classifier assigns to each digit (all ten classes present?).
+      With `labels` (the digit each sample should be), also `accuracy`: the fraction the
+      classifier assigns to its label.
     """
     features, logits = classifier_lib.features_and_logits(samples_uint8, batch_size)
     mu_ref, sigma_ref, features_ref = mnist5k_reference()
@@ -101,10 +104,30 @@ def mnist5k_metrics(samples_uint8, *, batch_size=500, kid_num_subsets=100,
     sigma = np.cov(features64, rowvar=False)
     kid_mean, kid_std = kid(features, features_ref, kid_num_subsets, kid_subset_size, seed)
     is_mean, _ = classifier_inception_score(logits, is_splits)
-    return {
+    extra = {} if labels is None else {
+        'accuracy': float(np.mean(logits.argmax(-1) == np.asarray(labels)))}
+    return extra | {
         'fd_mnist5k': frechet_distance(mu, sigma, mu_ref, sigma_ref),
         'kid_mean': kid_mean,
         'kid_std': kid_std,
         'classifier_is': is_mean,
         'num_samples': int(features.shape[0]),
+        'class_counts': np.bincount(logits.argmax(-1), minlength=10).tolist(),
     }
+
+
+def real_digit_floor(train_images, train_labels, n, num_subsets=8):
+    """The metrics of n real training digits, mean and std over `num_subsets` disjoint sets of
+    n (contiguous in source order): the floor a model's n samples are compared with. Training
+    digits, not test digits, which are the reference set itself."""
+    if num_subsets * n > len(train_images):
+        raise ValueError(f'{num_subsets} disjoint sets of {n} need {num_subsets * n} images, '
+                         f'got {len(train_images)}')
+    rows = [mnist5k_metrics(train_images[i * n:(i + 1) * n],
+                            labels=train_labels[i * n:(i + 1) * n], kid_num_subsets=10)
+            for i in range(num_subsets)]
+    floor = dict(num_samples=n, subsets=num_subsets)
+    for key in ('fd_mnist5k', 'classifier_is', 'accuracy'):
+        values = [r[key] for r in rows]
+        floor[key], floor[key + '_std'] = float(np.mean(values)), float(np.std(values))
+    return floor
