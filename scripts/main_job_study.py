@@ -13,8 +13,10 @@ training digits, as many as there are samples.
 A proxy budget ranks many variants at once: --train_fraction scales every variant's step count
 (time-budget variants keep their ratio to the baseline) and --sampler_steps > 0 samples with
 DDIM at η = 1 (ancestral-like, on a strided schedule) instead of the 1000 ancestral steps; the
-report says which budget it was. Writes main_job_study.{json,md} to the workdir (the JSON after
-every variant, so an interrupted study keeps what it measured) and to --docs_dir.
+report says which budget it was. Sampling-only variants (fixedsmall) always take the 1000
+ancestral steps: DDIM's σ ignores the variance choice (η = 1 is fixedsmall's β̃). Writes
+main_job_study.{json,md} to the workdir (the JSON after every variant, so an interrupted study
+keeps what it measured) and to --docs_dir.
 """
 
 import json
@@ -70,7 +72,7 @@ def variant_overrides(name, base_steps, *, train_fraction=1.0, sampler_steps=0, 
     overrides = dict(VARIANTS[name])
     steps = int(overrides.get('training.num_train_steps', base_steps))
     overrides['training.num_train_steps'] = str(max(1, round(steps * train_fraction)))
-    if sampler_steps:
+    if sampler_steps and name not in SAMPLE_ONLY:
         overrides.update({'sampling.sampler': 'ddim', 'sampling.eta': '1.0',
                           'sampling.num_steps': str(sampler_steps),
                           'sampling.timestep_spacing': 'trailing'})

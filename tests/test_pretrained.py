@@ -93,7 +93,14 @@ def test_forward_matches_diffusers(name, cifar_unet, tmp_path):
     size = unet.config.sample_size
     x = np.random.default_rng(0).standard_normal((len(t), size, size, 3)).astype(np.float32)
     reference = torch_forward(unet, x, t)
-    ours = np.asarray(jax.jit(model.apply)({'params': params}, x, t))
+    # XLA's optimizations do not change what is computed; off, the 113.7M-parameter net
+    # compiles in a fraction of the time.
+    previous = jax.config.values['jax_disable_most_optimizations']
+    jax.config.update('jax_disable_most_optimizations', name == 'church-256' or previous)
+    try:
+        ours = np.asarray(jax.jit(model.apply)({'params': params}, x, t))
+    finally:
+        jax.config.update('jax_disable_most_optimizations', previous)
     print(f'{name}: relative error {relative_error(ours, reference):.2e}, max abs '
           f'{np.abs(ours - reference).max():.2e} of max |out| {np.abs(reference).max():.2f}')
     assert relative_error(ours, reference) <= 1e-4
