@@ -67,6 +67,8 @@ class Study:
         start = time.perf_counter()
         train.train_and_evaluate(config, os.path.join(workdir, 'conditional'))
         clf_config = FLAGS.classifier_config
+        if clf_config.data.data_dir is None:  # One dataset for both unless told otherwise.
+            clf_config.data.data_dir = config.data.data_dir
         clf_dir = os.path.join(workdir, 'classifier')
         train.train_and_evaluate(clf_config, clf_dir)
         self.results['train_seconds'] = time.perf_counter() - start

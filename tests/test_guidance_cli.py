@@ -132,7 +132,6 @@ def test_guidance_study_script_runs_small(tmp_path, data_dir):
                 '--classifier_config.training.num_train_steps=10',
                 '--classifier_config.training.batch_size=8',
                 '--classifier_config.eval.num_images=20',
-                f'--classifier_config.data.data_dir={data_dir}',
                 '--num_samples=20', '--edit_images=10',
                 '--ddim_steps=2', '--t0s=0.05', '--cfg_scales=0,1', '--classifier_scales=0,2',
                 f'--docs_dir={docs}'], num_devices=2, fast_compiles=True, timeout=1500)
