@@ -67,7 +67,12 @@ def define_flags():
     flags.DEFINE_string('docs_dir', None, 'Also copy the report here.')
 
 
-def variant_overrides(name, base_steps, *, train_fraction=1.0, sampler_steps=0, extra=()):
+def parse_extra(pairs):
+    """{key: value} of the --extra key=value pairs."""
+    return dict(kv.split('=', 1) for kv in pairs)
+
+
+def variant_overrides(name, base_steps, *, train_fraction=1.0, sampler_steps=0, extra=None):
     """The variant's overrides with the proxy budget applied: {config key: command-line value}."""
     overrides = dict(VARIANTS[name])
     steps = int(overrides.get('training.num_train_steps', base_steps))
@@ -76,7 +81,7 @@ def variant_overrides(name, base_steps, *, train_fraction=1.0, sampler_steps=0, 
         overrides.update({'sampling.sampler': 'ddim', 'sampling.eta': '1.0',
                           'sampling.num_steps': str(sampler_steps),
                           'sampling.timestep_spacing': 'trailing'})
-    overrides.update(dict(kv.split('=', 1) for kv in extra))
+    overrides.update(extra or {})
     return overrides
 
 
@@ -121,7 +126,8 @@ def study_variant(name, base_steps):
     vdir = os.path.join(FLAGS.workdir, name)
     os.makedirs(vdir, exist_ok=True)
     overrides = variant_overrides(name, base_steps, train_fraction=FLAGS.train_fraction,
-                                  sampler_steps=FLAGS.sampler_steps, extra=FLAGS.extra)
+                                  sampler_steps=FLAGS.sampler_steps,
+                                  extra=parse_extra(FLAGS.extra))
     if name in SAMPLE_ONLY:  # Same training: reuse the checkpoints, time only the sampling.
         source = os.path.join(FLAGS.workdir, SAMPLE_ONLY[name])
         for item in ('checkpoints', 'metrics.jsonl', 'config.json'):
@@ -194,7 +200,7 @@ def main(argv):
         if SAMPLE_ONLY.get(name, name) not in FLAGS.variants:
             raise ValueError(f'{name} reuses the weights of {SAMPLE_ONLY[name]}: run both')
     base = mnist.get_config()
-    extra = dict(kv.split('=', 1) for kv in FLAGS.extra)
+    extra = parse_extra(FLAGS.extra)
     num_samples = int(extra.get('sampling.num_samples', base.sampling.num_samples))
     os.makedirs(FLAGS.workdir, exist_ok=True)
     sampler = (f'DDIM η = 1, {FLAGS.sampler_steps} steps' if FLAGS.sampler_steps

@@ -46,7 +46,8 @@ def test_proxy_budget_scales_steps_and_swaps_the_sampler(study):
     assert study.variant_overrides('baseline', base) == {
         'training.num_train_steps': str(base)}
     proxy = study.variant_overrides('batch_64_half_steps', base, train_fraction=0.5,
-                                    sampler_steps=100, extra=['data.data_dir=/d'])
+                                    sampler_steps=100,
+                                    extra=study.parse_extra(['data.data_dir=/d']))
     assert proxy['training.num_train_steps'] == str(round(
         int(study.VARIANTS['batch_64_half_steps']['training.num_train_steps']) * 0.5))
     assert proxy['training.batch_size'] == '64' and proxy['data.data_dir'] == '/d'
