@@ -74,6 +74,8 @@ def get_config():
     config.optim = optim = ml_collections.ConfigDict()
     optim.learning_rate = 2e-4
     optim.warmup_steps = 5000  # Linear warm-up from 0.
+    # > 0: cosine decay to 0 at this step, after the warm-up; 0: constant (the paper).
+    optim.lr_decay_steps = 0
     optim.grad_clip = 1.0  # Global-norm clipping (0 disables).
     optim.adam_b1 = 0.9
     optim.adam_b2 = 0.999

@@ -15,10 +15,22 @@ class TrainState:
 
 
 def make_lr_schedule(optim_config):
-    """Linear warm-up from 0 to the learning rate, then constant (the paper's schedule)."""
-    if optim_config.warmup_steps <= 0:
-        return optax.constant_schedule(optim_config.learning_rate)
-    return optax.linear_schedule(0.0, optim_config.learning_rate, optim_config.warmup_steps)
+    """Linear warm-up from 0 to the learning rate, then constant (the paper's schedule).
+
+    With `lr_decay_steps` > 0 the rate instead follows a half cosine from the end of the warm-up
+    down to 0 at step `lr_decay_steps`, and stays 0 after it: a run of a few thousand steps ends
+    on small updates rather than averaging them away with an EMA alone.
+    """
+    lr, warmup = optim_config.learning_rate, optim_config.warmup_steps
+    if optim_config.lr_decay_steps > 0:
+        if optim_config.lr_decay_steps <= warmup:
+            raise ValueError(f'optim.lr_decay_steps={optim_config.lr_decay_steps} must exceed '
+                             f'optim.warmup_steps={warmup}: the decay starts after the warm-up')
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0),
+                                                  optim_config.lr_decay_steps, end_value=0.0)
+    if warmup <= 0:
+        return optax.constant_schedule(lr)
+    return optax.linear_schedule(0.0, lr, warmup)
 
 
 def make_optimizer(optim_config, *, clip=True):

@@ -53,6 +53,9 @@ def test_proxy_budget_scales_steps_and_swaps_the_sampler(study):
     assert proxy['training.batch_size'] == '64' and proxy['data.data_dir'] == '/d'
     assert (proxy['sampling.sampler'], proxy['sampling.eta'], proxy['sampling.num_steps']) == (
         'ddim', '1.0', '100')
+    # The cosine decay ends where the scaled run ends.
+    cosine = study.variant_overrides('cosine_lr', base, train_fraction=0.5)
+    assert cosine['optim.lr_decay_steps'] == cosine['training.num_train_steps'] == str(base // 2)
     # DDIM's noise ignores var_type: the sampling-only variants keep the ancestral sampler.
     assert 'sampling.sampler' not in study.variant_overrides('fixedsmall', base, sampler_steps=100)
 

@@ -35,7 +35,7 @@ TOL = 1e-5
 def optim_config(**overrides):
     cfg = ml_collections.ConfigDict(dict(
         learning_rate=0.1, warmup_steps=3, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999,
-        adam_eps=1e-8, ema_decay=0.9999, ema_warmup=True))
+        adam_eps=1e-8, ema_decay=0.9999, ema_warmup=True, lr_decay_steps=0))
     cfg.update(overrides)
     return cfg
 
@@ -128,6 +128,25 @@ def test_lr_schedule_without_warmup_is_constant():
     sched = ts.make_lr_schedule(optim_config(learning_rate=lr, warmup_steps=0))
     for k in (0, 1, 100):
         assert float(sched(k)) == pytest.approx(lr, rel=1e-6), k
+
+
+@pytest.mark.parametrize('warmup,total', [(100, 2400), (0, 50), (7, 8)])
+def test_lr_schedule_cosine_decay(warmup, total):
+    # lr_k = lr k / W while k < W, then lr (1 + cos(pi (k - W) / (D - W))) / 2 until D, then 0.
+    lr = 1e-3
+    sched = ts.make_lr_schedule(optim_config(learning_rate=lr, warmup_steps=warmup,
+                                             lr_decay_steps=total))
+    ks = np.unique(np.r_[np.random.default_rng(total).integers(0, total + 10, 40),
+                         0, warmup, total - 1, total, total + 5])
+    for k in ks:
+        want = (lr * k / warmup if k < warmup else
+                lr * 0.5 * (1 + np.cos(np.pi * min(k - warmup, total - warmup) / (total - warmup))))
+        assert float(sched(int(k))) == pytest.approx(want, rel=1e-5, abs=1e-6 * lr), k
+
+
+def test_lr_decay_must_end_after_warmup():
+    with pytest.raises(ValueError, match='lr_decay_steps=100 must exceed optim.warmup_steps=100'):
+        ts.make_lr_schedule(optim_config(warmup_steps=100, lr_decay_steps=100))
 
 
 @pytest.mark.parametrize('warmup,decay', [(True, 0.9999), (True, 0.15), (False, 0.9999),
