@@ -128,6 +128,11 @@ def test_guidance_study_script_runs_small(tmp_path, data_dir):
     run_python(['scripts/guidance_study.py', '--config=configs/mnist_cfg.py',
                 f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
                 '--config.training.num_train_steps=10', '--config.training.batch_size=8',
+                # One resolution level: a U-Net (and classifier) of few ops compiles fast, and
+                # the study's code paths do not depend on the depth.
+                '--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()',
+                '--classifier_config.model.ch_mult=(1,)',
+                '--classifier_config.model.attn_resolutions=()',
                 '--config.training.log_every=5', '--config.sampling.batch_size=10',
                 '--classifier_config.training.num_train_steps=10',
                 '--classifier_config.training.batch_size=8',
