@@ -18,8 +18,8 @@ def make_lr_schedule(optim_config):
     """Linear warm-up from 0 to the learning rate, then constant (the paper's schedule).
 
     With `lr_decay_steps` > 0 the rate instead follows a half cosine from the end of the warm-up
-    down to 0 at step `lr_decay_steps`, and stays 0 after it: a run of a few thousand steps ends
-    on small updates rather than averaging them away with an EMA alone.
+    down to 0 at step `lr_decay_steps`, and stays 0 after it (optax's warmup_cosine_decay). On
+    the main job it gained nothing over the warmed-up EMA (docs/main_job.md).
     """
     lr, warmup = optim_config.learning_rate, optim_config.warmup_steps
     if optim_config.lr_decay_steps > 0:

@@ -52,7 +52,6 @@ VARIANTS = {
     # about what (1, 2, 2) does per step; (1, 2, 4) is ~1.35x slower per step and per sample.
     'ch_mult_114': {'model.ch_mult': '(1,1,4)'},
     'cosine_lr': {'optim.lr_decay_steps': '2400'},
-    'cosine_lr_2e-3': {'optim.lr_decay_steps': '2400', 'optim.learning_rate': '2e-3'},
     'ch_mult_114_cosine_lr': {'model.ch_mult': '(1,1,4)', 'optim.lr_decay_steps': '2400'},
     'ch_mult_114_no_attention': {'model.ch_mult': '(1,1,4)', 'model.attn_resolutions': '()'},
     'ch_mult_124_fewer_steps': {'model.ch_mult': '(1,2,4)', 'training.num_train_steps': '1500'},
