@@ -49,7 +49,7 @@ VARIANTS = {
     'ch_32_fewer_steps': {'model.ch': '32', 'training.num_train_steps': '1100'},
     'no_attention': {'model.attn_resolutions': '()'},
     # Width where the digit's shape is decided: 64 channels at 7x7 instead of 32. (1, 1, 4) costs
-    # about what (1, 2, 2) does per step; (1, 2, 4) is ~1.35x slower per step and per sample.
+    # about what (1, 2, 2) does per step; (1, 2, 4) is ~1.35x slower per training step.
     'ch_mult_114': {'model.ch_mult': '(1,1,4)'},
     'cosine_lr': {'optim.lr_decay_steps': '2400'},
     'ch_mult_114_cosine_lr': {'model.ch_mult': '(1,1,4)', 'optim.lr_decay_steps': '2400'},
