@@ -85,6 +85,10 @@ def get_config():
 
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128  # Global batch, split over every device of every process.
+    # Gradient accumulation: each step runs its batch as this many microbatches, one after the
+    # other (same loss and gradient; one microbatch's activations in memory at a time). Must
+    # divide the images per device. A memory lever, not a speed one (docs/benchmarks.md).
+    training.num_microbatches = 1
     training.num_train_steps = 800_000
     training.log_every = 100  # Scalars to TensorBoard and the log.
     training.sample_every = 0  # Steps between sample grids (0: only the final samples).

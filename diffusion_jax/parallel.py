@@ -9,7 +9,9 @@ The two give the same update when clipping the averaged gradient; only this modu
 
 FSDP (ZeRO-3-like): `state_shardings(..., rules)` can split parameters, their EMA and the Adam
 moments over the same ("data",) axis; under 'jit', XLA inserts the collectives (all-gathers of
-the parameters where the step uses them). Rules are data, a tuple of (regex, spec) pairs:
+the parameters where the step uses them). `OPTIMIZER_STATE_RULES` split the Adam moments only
+(ZeRO-1-like: the update's slices are gathered, nothing else). Rules are data, a tuple of
+(regex, spec) pairs:
 
   regex: `re.search`ed against the leaf's '/'-joined path in the state, e.g.
     'params/down_0_block_0/conv1/kernel', 'ema_params/...', 'opt_state/1/0/mu/.../kernel', so
@@ -22,7 +24,7 @@ the parameters where the step uses them). Rules are data, a tuple of (regex, spe
 
 A malformed rule raises ValueError naming it. A leaf whose chosen axis is not divisible by the
 mesh axis size (or that has too few axes) stays replicated: one log line per call lists them.
-'shard_map' takes replicated parameters: sharding rules need 'jit'.
+'shard_map' takes replicated parameters: rules that split them need 'jit'.
 """
 
 import functools
@@ -59,6 +61,10 @@ def data_sharded(mesh):
 # Every kernel (conv HWIO, dense IO) split on its output axis; biases and norm scales replicated.
 # A kernel with too few outputs for the mesh (the 3-channel conv_out) falls back to replicated.
 FSDP_RULES = ((r'(^|/)kernel$', DATA_AXIS),)
+# ZeRO stage 1: only the Adam moments' kernels are split. The parameters and their EMA, which
+# the forward pass and the samplers read, stay whole on every device, so no collective enters the
+# forward pass; a replica holds two full copies of the network instead of four.
+OPTIMIZER_STATE_RULES = ((r'^opt_state/.*kernel$', DATA_AXIS),)
 
 
 def parse_rules(rules, axis_names=(DATA_AXIS,)):
@@ -132,11 +138,15 @@ def is_replicated(shardings):
     return all(not any(s.spec) for s in jax.tree.leaves(shardings))
 
 
-def check_global_batch(global_batch_size, mesh):
+def check_global_batch(global_batch_size, mesh, num_microbatches=1):
     num_devices = mesh.devices.size
     if global_batch_size % num_devices:
         raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
                          f'{num_devices} devices of the mesh')
+    if num_microbatches < 1 or (global_batch_size // num_devices) % num_microbatches:
+        raise ValueError(f'training.num_microbatches={num_microbatches} does not divide the '
+                         f'{global_batch_size // num_devices} images per device (global batch '
+                         f'{global_batch_size} over {num_devices} devices)')
 
 
 def make_global_batch(local_batch, mesh):
@@ -151,15 +161,18 @@ def _clip_by_global_norm(grads, max_norm):
     return clipped
 
 
-def shard_map_grad_fn(loss_fn, mesh, *, clip_norm=None):
+def shard_map_grad_fn(loss_fn, mesh, *, clip_norm=None, num_microbatches=1):
     """(loss, metrics), grads of `loss_fn` computed per device and averaged with `pmean`.
 
     Args:
       loss_fn: (params, batch, t, noise, rng) -> (loss, metrics), a mean over its batch.
       mesh: the ("data",) mesh; the batch dict, t and noise are split over it, params replicated.
       clip_norm: if set, each device clips its own gradient to this global norm before the mean.
+      num_microbatches: each device accumulates its gradient over this many microbatches of its
+        rows (`train_step.accumulate_gradients`) before clipping and the mean.
     """
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    value_and_grad = train_step_lib.accumulate_gradients(
+        jax.value_and_grad(loss_fn, has_aux=True), num_microbatches)
 
     def per_device(params, batch, t, noise, rng):
         # Marking the parameters device-varying keeps each device's gradient its own; otherwise
@@ -178,7 +191,8 @@ def shard_map_grad_fn(loss_fn, mesh, *, clip_norm=None):
 
 
 def build_train_step(*, loss_fn, optimizer, optim_config, process, mesh, shardings,
-                     mode='jit', clip_per_replica=False, skip_nonfinite=False):
+                     mode='jit', clip_per_replica=False, skip_nonfinite=False,
+                     num_microbatches=1):
     """The jitted, donating train step (state, batch, base_rng) -> (state, metrics).
 
     Args:
@@ -186,23 +200,34 @@ def build_train_step(*, loss_fn, optimizer, optim_config, process, mesh, shardin
       optimizer: must not clip again when `clip_per_replica` (see `make_optimizer(clip=False)`).
       optim_config, process: passed to `train_step.train_step`.
       mesh: the ("data",) mesh.
-      shardings: the train state's shardings (`state_shardings`); sharded ones need 'jit'.
+      shardings: the train state's shardings (`state_shardings`); sharded parameters need
+        'jit' (the EMA and optimizer state may be sharded in either mode: the update runs
+        outside the shard_map).
       mode: 'jit' or 'shard_map'.
       clip_per_replica: shard_map only; clip each replica's gradient to optim_config.grad_clip.
       skip_nonfinite: drop non-finite updates (see `train_step.train_step`).
+      num_microbatches: the gradient is accumulated over this many microbatches, each split
+        over the devices like the batch (`train_step.accumulate_gradients`).
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f'Unknown parallel mode {mode!r}; valid: {", ".join(PARALLEL_MODES)}')
     if clip_per_replica and mode != 'shard_map':
         raise ValueError("clip_per_replica needs training.parallel='shard_map'")
-    if mode == 'shard_map' and not is_replicated(shardings):
+    if mode == 'shard_map' and not is_replicated(shardings.params):
         raise ValueError("sharded parameters (FSDP rules, training.param_sharding) need "
-                         "training.parallel='jit': shard_map takes replicated parameters")
+                         "training.parallel='jit': shard_map takes replicated parameters "
+                         "(parallel.OPTIMIZER_STATE_RULES, which leave them whole, work in both)")
     if mode == 'jit':
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        # Microbatch j is rows j, j + k, ... of the batch: [k, B / k] with the second axis
+        # split over the devices keeps every row on the device that holds it.
+        microbatch_sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+        grad_fn = train_step_lib.accumulate_gradients(
+            jax.value_and_grad(loss_fn, has_aux=True), num_microbatches,
+            constrain=lambda tree: jax.lax.with_sharding_constraint(tree, microbatch_sharding))
     else:
         grad_fn = shard_map_grad_fn(
-            loss_fn, mesh, clip_norm=optim_config.grad_clip if clip_per_replica else None)
+            loss_fn, mesh, clip_norm=optim_config.grad_clip if clip_per_replica else None,
+            num_microbatches=num_microbatches)
     step = functools.partial(train_step_lib.train_step, grad_fn=grad_fn, optimizer=optimizer,
                              optim_config=optim_config, process=process,
                              skip_nonfinite=skip_nonfinite)

@@ -194,7 +194,8 @@ def build_step(config, model, diffusion, optimizer, mesh, shardings):
         loss_fn=loss_fn, optimizer=optimizer, optim_config=config.optim,
         process=diffusion, mesh=mesh, shardings=shardings,
         mode=config.training.parallel, clip_per_replica=config.training.clip_per_replica,
-        skip_nonfinite=config.training.nan_policy == 'skip')
+        skip_nonfinite=config.training.nan_policy == 'skip',
+        num_microbatches=config.training.num_microbatches)
 
 
 def compile_step(step_fn, state, batch, rng):
@@ -307,7 +308,7 @@ def train_and_evaluate(config, workdir):
     """Trains (resuming from the latest checkpoint in `workdir`), then writes samples."""
     training = config.training
     mesh = parallel.make_mesh()
-    parallel.check_global_batch(training.batch_size, mesh)
+    parallel.check_global_batch(training.batch_size, mesh, training.num_microbatches)
     diffusion = make_diffusion(config.diffusion)
     is_diffusion = config.task == 'diffusion'
     if is_diffusion:

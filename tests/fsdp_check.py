@@ -3,8 +3,10 @@
     python tests/fsdp_check.py train OUT_DIR                 # 8 devices
     python tests/fsdp_check.py restore OUT_DIR NAME RULES    # any device count; RULES fsdp|none
 
-train: the same tiny U-Net, initial parameters and batches trained for 3 steps (jit) with the
-state replicated and with `parallel.FSDP_RULES` on an 8-device mesh; writes the per-step losses
+train: the same tiny U-Net, initial parameters and batches trained for 3 steps on an 8-device
+mesh with the state replicated (jit), with `parallel.FSDP_RULES` (jit, and again with the
+batch run as 2 microbatches) and with `parallel.OPTIMIZER_STATE_RULES` (shard_map, whose
+explicit pmean the rules must not disturb, also with 2 microbatches); writes the per-step losses
 and gradient norms and every final state leaf to OUT_DIR/train.npz, each leaf's sharding to
 OUT_DIR/train.json, and saves the FSDP state with orbax in OUT_DIR/workdir.
 restore: restores that checkpoint onto a mesh of all this process's devices with the given rules
@@ -96,9 +98,16 @@ def main_train(out_dir):
     params = random_params(abstract_state(config, model, optimizer).params)
     mesh = parallel.make_mesh()
     results = {}
-    for name, rules in [('replicated', ()), ('fsdp', parallel.FSDP_RULES)]:
+    microbatched = config.copy_and_resolve_references()
+    microbatched.training.num_microbatches = 2  # One image per device per microbatch.
+    shard_map = microbatched.copy_and_resolve_references()
+    shard_map.training.parallel = 'shard_map'
+    for name, rules, run_config in [('replicated', (), config),
+                                    ('fsdp', parallel.FSDP_RULES, config),
+                                    ('fsdp_microbatched', parallel.FSDP_RULES, microbatched),
+                                    ('optimizer_state', parallel.OPTIMIZER_STATE_RULES, shard_map)]:
         state, step_losses, grad_norms = run_training(
-            config, model, diffusion, optimizer, params, mesh, rules)
+            run_config, model, diffusion, optimizer, params, mesh, rules)
         results[name] = state
         write(out_dir, name, state, losses=step_losses.tolist(), grad_norms=grad_norms.tolist())
     init = named_leaves(train_state.create_train_state(params, optimizer))

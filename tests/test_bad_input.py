@@ -66,6 +66,8 @@ CASES = {
                  r"nope.*linear.*cosine"),
     'nan_policy': (lambda c, _: setattr(c.training, 'nan_policy', 'ignore'), ValueError,
                    'valid: fail, skip'),
+    'microbatches': (lambda c, _: setattr(c.training, 'num_microbatches', 3), ValueError,
+                     r'training.num_microbatches=3 does not divide the \d+ images per device'),
     'archive': (cifar10_without_archive, FileNotFoundError, r'cifar-10-binary.tar.gz'),
 }
 

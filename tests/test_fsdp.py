@@ -1,6 +1,8 @@
 """FSDP parameter sharding (`parallel.state_shardings` rules): the rule format in-process, and in
-subprocesses with fake CPU devices (tests/fsdp_check.py) training replicated vs FSDP on 8 devices
-and restoring the FSDP checkpoint onto 2 devices (FSDP) and 1 device (replicated).
+subprocesses with fake CPU devices (tests/fsdp_check.py) training replicated vs FSDP (jit) vs
+sharded Adam moments (`OPTIMIZER_STATE_RULES`, shard_map), the last two also with the batch in
+two microbatches (gradient accumulation), on 8 devices and restoring the FSDP
+checkpoint onto 2 devices (FSDP) and 1 device (replicated).
 
 The subprocesses compile with XLA optimizations off (conftest.run_python(fast_compiles=True)):
 the replicated and FSDP runs share that setting, and compiling dominates their time.
@@ -122,6 +124,28 @@ def test_one_rule_shards_params_ema_and_adam_moments_alike():
     assert got['step'] == got['opt_state/1/0/count'] == P()
 
 
+def test_optimizer_state_rules_shard_only_the_adam_moments_of_the_cifar10_unet():
+    from configs import cifar10
+    from diffusion_jax import train
+    config = cifar10.get_config()
+    assert config.training.param_sharding == parallel.OPTIMIZER_STATE_RULES
+    model = train.make_model(config)
+    optimizer = train_state.make_optimizer(config.optim)
+    state = jax.eval_shape(lambda rng: train_state.create_train_state(
+        train.init_params(model, config, rng), optimizer), jax.random.key(0))
+    got = specs(state, MESH_8, config.training.param_sharding)
+    sharded = {name for name, spec in got.items() if spec != P()}
+    kernels = {name for name in got if name.startswith('params/') and name.endswith('kernel')}
+    moments = {f'opt_state/1/0/{m}/{name[len("params/"):]}' for m in ('mu', 'nu')
+               for name in kernels - {'params/conv_out/kernel'}}  # 3 outputs: 3 % 8 != 0.
+    assert sharded == moments
+    assert all(got[name][-1] == 'data' and not any(got[name][:-1]) for name in sharded)
+    sizes = {jax.tree_util.keystr(path, simple=True, separator='/'): x.size
+             for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    # Of the state's four network-sized trees, the two moments are (nearly all) split.
+    assert 0.49 < sum(sizes[n] for n in sharded) / sum(sizes.values()) < 0.5
+
+
 def test_fsdp_rules_shard_every_kernel_of_the_256_unet_but_the_rgb_output():
     from configs import celebahq
     from diffusion_jax import train
@@ -138,17 +162,20 @@ def test_fsdp_rules_shard_every_kernel_of_the_256_unet_but_the_rgb_output():
     assert sum(sizes[n] for n in sharded) / sum(sizes.values()) > 0.99
 
 
-def test_shard_map_mode_refuses_sharded_parameters():
+def test_shard_map_mode_refuses_sharded_parameters_but_not_a_sharded_optimizer_state():
     mesh = parallel.make_mesh(jax.devices()[:1])
-    tree = abstract_tree(dense__kernel=(4, 8))
-    kwargs = dict(loss_fn=lambda *args: (0.0, {}), optimizer=optax.adam(1e-3), optim_config=None,
+    params = abstract_tree(dense__kernel=(4, 8))
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    state = jax.eval_shape(lambda p: train_state.create_train_state(p, optimizer), params)
+    kwargs = dict(loss_fn=lambda *args: (0.0, {}), optimizer=optimizer, optim_config=None,
                   process=None, mesh=mesh)
-    fsdp = parallel.state_shardings(tree, mesh, rules=parallel.FSDP_RULES)
+    fsdp = parallel.state_shardings(state, mesh, rules=parallel.FSDP_RULES)
     with pytest.raises(ValueError, match="parallel='jit'"):
         parallel.build_train_step(shardings=fsdp, mode='shard_map', **kwargs)
     parallel.build_train_step(shardings=fsdp, mode='jit', **kwargs)
-    parallel.build_train_step(shardings=parallel.state_shardings(tree, mesh), mode='shard_map',
-                              **kwargs)
+    for rules in ((), parallel.OPTIMIZER_STATE_RULES):
+        parallel.build_train_step(shardings=parallel.state_shardings(state, mesh, rules=rules),
+                                  mode='shard_map', **kwargs)
 
 
 # ------------------------------------------------------- 8 fake devices, then 2 and 1 (slow) ---
@@ -167,7 +194,8 @@ def out_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def runs(out_dir):
-    return {name: load(out_dir, name) for name in ('replicated', 'fsdp')}
+    return {name: load(out_dir, name)
+            for name in ('replicated', 'fsdp', 'fsdp_microbatched', 'optimizer_state')}
 
 
 def groups(arrays):
@@ -197,14 +225,27 @@ def test_fsdp_state_is_sharded(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_training_matches_replicated(runs):
-    (replicated, rep_info), (fsdp, fsdp_info) = runs['replicated'], runs['fsdp']
+def test_optimizer_state_rules_shard_only_the_moments(runs):
+    facts = runs['optimizer_state'][1]['shardings']
+    sharded = {name for name, fact in facts.items() if any(fact['spec'])}
+    assert sharded == {name for name in facts if name.startswith(('opt_state/1/0/mu/',
+                                                                   'opt_state/1/0/nu/'))
+                       and name.endswith('kernel') and not name.endswith('conv_out/kernel')}
+    assert all(facts[n]['shard_shape'][-1] * 8 == facts[n]['shape'][-1] for n in sharded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['fsdp', 'fsdp_microbatched', 'optimizer_state'],
+                         ids=['fsdp_jit', 'fsdp_jit_microbatched',
+                              'optimizer_state_shard_map_microbatched'])
+def test_sharded_training_matches_replicated(runs, name):
+    (replicated, rep_info), (sharded, sharded_info) = runs['replicated'], runs[name]
     # Measured: losses equal to 1e-7 relative, gradient norms (before clipping, so they would
     # show a gradient summed instead of averaged over devices) equal.
-    np.testing.assert_allclose(fsdp_info['losses'], rep_info['losses'], rtol=1e-5)
-    np.testing.assert_allclose(fsdp_info['grad_norms'], rep_info['grad_norms'], rtol=1e-5)
-    assert int(fsdp['step']) == int(replicated['step']) == NUM_STEPS
-    rep, got = groups(replicated), groups(fsdp)
+    np.testing.assert_allclose(sharded_info['losses'], rep_info['losses'], rtol=1e-5)
+    np.testing.assert_allclose(sharded_info['grad_norms'], rep_info['grad_norms'], rtol=1e-5)
+    assert int(sharded['step']) == int(replicated['step']) == NUM_STEPS
+    rep, got = groups(replicated), groups(sharded)
     # Adam's moments are linear in the gradients: measured 2e-7 of their scale apart.
     for kind in ('mu', 'nu'):
         np.testing.assert_allclose(got[kind], rep[kind], rtol=0,
