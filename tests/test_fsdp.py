@@ -228,8 +228,8 @@ def test_fsdp_state_is_sharded(runs):
 def test_optimizer_state_rules_shard_only_the_moments(runs):
     facts = runs['optimizer_state'][1]['shardings']
     sharded = {name for name, fact in facts.items() if any(fact['spec'])}
-    assert sharded == {name for name in facts if name.startswith(('opt_state/1/0/mu/',
-                                                                   'opt_state/1/0/nu/'))
+    moments = ('opt_state/1/0/mu/', 'opt_state/1/0/nu/')
+    assert sharded == {name for name in facts if name.startswith(moments)
                        and name.endswith('kernel') and not name.endswith('conv_out/kernel')}
     assert all(facts[n]['shard_shape'][-1] * 8 == facts[n]['shape'][-1] for n in sharded)
 

@@ -317,6 +317,51 @@ def test_matmul_conv_gradient_matches_numpy(shape):
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
 
 
+@pytest.mark.parametrize('shape,chunk_pixels', [((3, 6, 6, 3, 5), 36), ((2, 5, 7, 4, 2), 4096)],
+                         ids=['one_image_per_chunk', 'one_chunk'])
+def test_bf16_matmul_conv_and_its_gradient_match_numpy(monkeypatch, shape, chunk_pixels):
+    from diffusion_jax.models import conv
+    monkeypatch.setattr(conv, 'BF16_CHUNK_PIXELS', chunk_pixels)
+    b, h, w_, cin, cout = shape
+    rng = np.random.default_rng(7)
+    x, w, g = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+               for s in ((b, h, w_, cin), (3, 3, cin, cout), (b, h, w_, cout)))
+    dims = ('NHWC', 'HWIO', 'NHWC')
+
+    def conv_fn(x, w):
+        return conv.bf16_matmul_conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dims)
+
+    y, vjp = jax.vjp(conv_fn, x, w)
+    dx, dw = vjp(g)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+    x_pad = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y_ref = sum(np.einsum('bhwc,co->bhwo', x_pad[:, i:i + h, j:j + w_], w64[i, j])
+                for i in range(3) for j in range(3))
+    dx_ref, dw_ref = _conv3x3_same_grads_numpy(x64, w64, g64)
+    # Operands are exact in bfloat16 and the sums float32: the error is the bfloat16 rounding of
+    # the result, at most 2^-8 of each entry (a wrong tap or chunk would be O(1)).
+    for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8, atol=1e-6)
+
+
+def test_auto_takes_the_bf16_matmul_conv_only_for_bf16_on_cpus_with_bf16_units(monkeypatch):
+    from diffusion_jax.models import conv
+    auto = conv.conv_general_dilated('auto')
+
+    def dots(dtype):
+        x = jnp.zeros((2, 8, 8, 4), dtype)
+        w = jnp.zeros((3, 3, 4, 4), dtype)
+        return str(jax.make_jaxpr(lambda x, w: auto(
+            x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x, w)).count(
+                'dot_general')
+
+    monkeypatch.setattr(conv, 'cpu_has_bf16_matmul', lambda: True)
+    assert dots(jnp.bfloat16) == 3 and dots(jnp.float32) == 0
+    monkeypatch.setattr(conv, 'cpu_has_bf16_matmul', lambda: False)
+    assert dots(jnp.bfloat16) == 0
+
+
 def test_unet_gradient_same_with_matmul_and_xla_backward():
     x, t = _inputs(8, channels=1)
     models = {impl: UNet(**dict(TINY, out_ch=1, dropout=0.0), conv_backward=impl)
