@@ -41,8 +41,10 @@ def get_config():
     # attention products; GroupNorm, softmax, the network output and the loss stay float32.
     model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (| float64 for tests).
     model.param_dtype = 'float32'  # Parameter (and EMA, Adam moment) storage dtype.
-    # Gradient of the 3x3 convs: xla | matmul (faster on the CPU for >= 64 channels) | auto (matmul
-    # on the CPU for layers with >= 64 channels, else xla).
+    # Gradient of the 3x3 convs: xla | matmul (faster on the CPU for >= 64 channels) |
+    # bf16_matmul (bfloat16 convs as bfloat16 matmuls, forward too) | auto (on the CPU:
+    # bf16_matmul for bfloat16 where it has bfloat16 units, else matmul for layers with >= 64
+    # channels, else xla; xla on TPU and GPU).
     model.conv_backward = 'auto'
     # U-Net: 0 = unconditional, K = class-conditional on labels 0..K-1 plus the null label K
     # (classifier-free guidance). noisy_classifier: the number of classes it predicts.

@@ -29,7 +29,6 @@ and against `jax.grad` of XLA's convolution in tests/test_unet.py).
 import functools
 import math
 import re
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +48,7 @@ def _conv(x, w, precision):
                                     precision=precision)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv3x3(x, w, precision):
     return _conv(x, w, precision)
 

@@ -29,9 +29,11 @@ class EncoderFields(nn.Module):
         mixed-precision policy: with bfloat16 the GroupNorms, softmax, output and loss stay
         float32).
       param_dtype: parameter storage dtype (float32 under the mixed-precision policy).
-      conv_backward: how the 3x3 convolutions are differentiated: 'xla', 'matmul' (faster on
-        the CPU for wide layers, same gradient; models/conv.py) or 'auto' (matmul on the CPU for
-        layers of >= 64 channels, else xla).
+      conv_backward: how the 3x3 convolutions are differentiated (and, in bfloat16, computed):
+        'xla', 'matmul' (faster on the CPU for wide layers, same gradient; models/conv.py),
+        'bf16_matmul' (bfloat16 convolutions as bfloat16 matmuls, forward and backward) or
+        'auto' (on the CPU: bf16_matmul for bfloat16 where the CPU has bfloat16 units, else
+        matmul for layers of >= 64 channels, else xla; elsewhere xla).
     """
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)
