@@ -115,9 +115,10 @@ def _bf16_forward(x, w):
 
     def chunk(xc):
         taps = _row_taps(xc)
-        return sum(jnp.einsum('bhwk,ko->bhwo', taps[:, i:i + height], w[i].reshape(3 * cin, cout),
-                              preferred_element_type=jnp.float32) for i in range(3))
-    return _unchunk(lax.map(chunk, _bf16_chunks(x))).astype(x.dtype)
+        y = sum(jnp.einsum('bhwk,ko->bhwo', taps[:, i:i + height], w[i].reshape(3 * cin, cout),
+                           preferred_element_type=jnp.float32) for i in range(3))
+        return y.astype(x.dtype)  # Rounded per chunk: no float32 copy of the whole output.
+    return _unchunk(lax.map(chunk, _bf16_chunks(x)))
 
 
 @jax.custom_vjp
