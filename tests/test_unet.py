@@ -345,19 +345,21 @@ def test_bf16_matmul_conv_and_its_gradient_match_numpy(monkeypatch, shape, chunk
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8, atol=1e-6)
 
 
-def test_auto_takes_the_bf16_matmul_conv_only_for_bf16_on_cpus_with_bf16_units(monkeypatch):
+def test_auto_takes_the_bf16_matmul_conv_only_for_wide_bf16_layers_on_cpus_with_bf16_units(
+        monkeypatch):
     from diffusion_jax.models import conv
     auto = conv.conv_general_dilated('auto')
 
-    def dots(dtype):
-        x = jnp.zeros((2, 8, 8, 4), dtype)
-        w = jnp.zeros((3, 3, 4, 4), dtype)
+    def dots(dtype, channels=conv.AUTO_MIN_CHANNELS):
+        x = jnp.zeros((2, 8, 8, channels), dtype)
+        w = jnp.zeros((3, 3, channels, channels), dtype)
         return str(jax.make_jaxpr(lambda x, w: auto(
             x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x, w)).count(
                 'dot_general')
 
     monkeypatch.setattr(conv, 'cpu_has_bf16_matmul', lambda: True)
     assert dots(jnp.bfloat16) == 3 and dots(jnp.float32) == 0
+    assert dots(jnp.bfloat16, channels=conv.AUTO_MIN_CHANNELS - 1) == 0  # Narrow: XLA's.
     monkeypatch.setattr(conv, 'cpu_has_bf16_matmul', lambda: False)
     assert dots(jnp.bfloat16) == 0
 
