@@ -76,11 +76,6 @@ def _cpuinfo():
         return None
 
 
-def _cpu_flags(info):
-    flags = re.search(r'flags\s*:\s*(.*)', info or '')
-    return set(flags.group(1).split()) if flags else set()
-
-
 def has_bf16_matmul():
     """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16). Without them
     PyTorch's bfloat16 autocast runs about 37x slower than float32 (a 35.7M U-Net forward,
@@ -95,7 +90,8 @@ def cpu_description():
     if info is None:
         return platform.processor()
     model = re.search(r'model name\s*:\s*(.*)', info)
-    isa = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in _cpu_flags(info)]
+    from diffusion_jax.models import conv
+    isa = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in conv.cpu_flags()]
     return f'{model.group(1) if model else "?"} ({os.cpu_count()} vCPU; {", ".join(isa)})'
 
 

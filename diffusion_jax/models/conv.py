@@ -75,14 +75,19 @@ _conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
 
 
 @functools.cache
-def cpu_has_bf16_matmul():
-    """Whether this machine's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open('/proc/cpuinfo') as f:
             flags = re.search(r'flags\s*:\s*(.*)', f.read())
     except OSError:
-        return False
-    return bool(flags and set(flags.group(1).split()) & {'avx512_bf16', 'amx_bf16'})
+        return frozenset()
+    return frozenset(flags.group(1).split()) if flags else frozenset()
+
+
+def cpu_has_bf16_matmul():
+    """Whether this machine's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_flags() & {'avx512_bf16', 'amx_bf16'})
 
 
 def _row_taps(x):
