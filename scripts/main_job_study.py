@@ -45,6 +45,8 @@ VARIANTS = {
     'ema_0.998': {'optim.ema_decay': '0.998'},
     'batch_64_half_steps': {'training.batch_size': '64', 'training.num_train_steps': '1200'},
     'batch_16_double_steps': {'training.batch_size': '16', 'training.num_train_steps': '4800'},
+    'batch_16_ch_mult_114': {'training.batch_size': '16', 'training.num_train_steps': '4800',
+                             'model.ch_mult': '(1,1,4)'},
     'ch_24_fewer_steps': {'model.ch': '24', 'training.num_train_steps': '1600'},
     'ch_32_fewer_steps': {'model.ch': '32', 'training.num_train_steps': '1100'},
     'no_attention': {'model.attn_resolutions': '()'},

@@ -3,6 +3,7 @@
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,6 +196,28 @@ def _np_group_norm(x, groups, scale, bias, eps=1e-6):
     mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
     g = (g - mean) / np.sqrt(var + eps)
     return g.reshape(x.shape) * scale + bias
+
+
+@pytest.mark.parametrize('shape,groups', [((3, 7, 5, 16), 8), ((2, 4, 4, 12), 3),
+                                           ((2, 6, 6, 8), 8), ((4, 3, 3, 32), 1)])
+def test_group_norm_matches_numpy_and_flax(shape, groups):
+    rng = np.random.default_rng(sum(shape) + groups)
+    # An offset and a spread per channel, so that E[x^2] - E[x]^2 is tested off zero mean.
+    x = (rng.standard_normal(shape) * rng.uniform(0.5, 3, shape[-1])
+         + rng.uniform(-2, 2, shape[-1]))
+    scale, bias = rng.uniform(0.5, 1.5, shape[-1]), rng.standard_normal(shape[-1])
+    params = {'params': {'scale': jnp.asarray(scale, jnp.float32),
+                         'bias': jnp.asarray(bias, jnp.float32)}}
+    x32 = jnp.asarray(x, jnp.float32)
+    out = layers.group_norm(groups, name='norm').apply(params, x32)
+    assert out.dtype == jnp.float32
+    expected = _np_group_norm(x, groups, scale, bias)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    flax_out = nn.GroupNorm(num_groups=groups, epsilon=layers.GROUP_NORM_EPSILON).apply(
+        params, x32)
+    np.testing.assert_allclose(out, flax_out, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='5 groups do not divide'):
+        layers.group_norm(5, name='norm').init(jax.random.key(0), x32)
 
 
 def _np_conv3x3(x, p):

@@ -54,13 +54,57 @@ def nin(features: int, *, name: str, dtype: Any, scale: float = 1.0,
                     dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+class GroupNorm(nn.Module):
+    """GroupNorm (Wu & He 2018) over the last axis, statistics in at least float32.
+
+    Same parameters ('scale', 'bias' of shape [C]) and result as `flax.linen.GroupNorm` with the
+    same epsilon, but the statistics are sums per channel over the pixels first, then per group:
+    XLA's CPU reductions over the [..., G, C/G] view with its short minor axis took ~20% of the
+    MNIST sampler's time.
+
+    Attributes:
+      num_groups: groups G; must divide the channel count C.
+      epsilon: added to the variance.
+      dtype: compute dtype; the statistics and the output are in promote(dtype, float32)
+        (float64 stays float64, as the finite-difference tests need).
+      param_dtype: dtype of scale and bias.
+    """
+    num_groups: int
+    epsilon: float = GROUP_NORM_EPSILON
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f'GroupNorm: {self.num_groups} groups do not divide {channels} '
+                             'channels')
+        scale = self.param('scale', nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
+        dtype = jnp.promote_types(self.dtype, jnp.float32)
+        x = x.astype(dtype)
+        pixel_axes = tuple(range(1, x.ndim - 1))
+        group_size = channels // self.num_groups
+        count = group_size * math.prod(x.shape[1:-1])
+
+        def group_mean(per_channel_sum):  # [B, C] -> [B, C], each channel its group's mean.
+            sums = per_channel_sum.reshape(-1, self.num_groups, group_size).sum(-1) / count
+            return jnp.repeat(sums, group_size, axis=-1)
+
+        mean = group_mean(jnp.sum(x, pixel_axes))
+        # E[x^2] - E[x]^2, as flax's default fast variance; clamped against rounding below 0.
+        variance = jnp.maximum(group_mean(jnp.sum(jnp.square(x), pixel_axes)) - mean ** 2, 0.0)
+        gain = jax.lax.rsqrt(variance + self.epsilon) * scale.astype(dtype)
+        shift = bias.astype(dtype) - mean * gain
+        broadcast = (x.shape[0],) + (1,) * len(pixel_axes) + (channels,)
+        return x * gain.reshape(broadcast) + shift.reshape(broadcast)
+
+
 def group_norm(num_groups: int, *, name: str, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32) -> nn.GroupNorm:
-    """GroupNorm computed in at least float32 whatever the compute dtype, for stable statistics
-    (float64 stays float64, as the finite-difference tests need)."""
-    return nn.GroupNorm(num_groups=num_groups, epsilon=GROUP_NORM_EPSILON,
-                        dtype=jnp.promote_types(dtype, jnp.float32), param_dtype=param_dtype,
-                        name=name)
+               param_dtype: Any = jnp.float32) -> GroupNorm:
+    """The U-Net's GroupNorm (the original's epsilon), statistics in at least float32."""
+    return GroupNorm(num_groups=num_groups, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def get_timestep_embedding(t: jax.Array, embedding_dim: int) -> jax.Array:
