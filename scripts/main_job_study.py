@@ -47,6 +47,12 @@ VARIANTS = {
     'batch_16_double_steps': {'training.batch_size': '16', 'training.num_train_steps': '4800'},
     'batch_16_ch_mult_114': {'training.batch_size': '16', 'training.num_train_steps': '4800',
                              'model.ch_mult': '(1,1,4)'},
+    # Not a candidate (twice the training time): how far more compute alone would go.
+    'double_steps': {'training.num_train_steps': '4800'},
+    # What the network predicts (the paper's main job predicts ε): x_0 alone, and Benny & Wolf's
+    # dual output (ε, x_0 and their per-pixel mix), whose global shapes won the few-step study.
+    'x0_prediction': {'diffusion.mean_type': 'x0'},
+    'dual_output': {'diffusion.mean_type': 'dual', 'model.out_ch': '3'},
     'ch_24_fewer_steps': {'model.ch': '24', 'training.num_train_steps': '1600'},
     'ch_32_fewer_steps': {'model.ch': '32', 'training.num_train_steps': '1100'},
     'no_attention': {'model.attn_resolutions': '()'},
