@@ -199,7 +199,7 @@ def _np_group_norm(x, groups, scale, bias, eps=1e-6):
 
 
 @pytest.mark.parametrize('shape,groups', [((3, 7, 5, 16), 8), ((2, 4, 4, 12), 3),
-                                           ((2, 6, 6, 8), 8), ((4, 3, 3, 32), 1)])
+                                          ((2, 6, 6, 8), 8), ((4, 3, 3, 32), 1)])
 def test_group_norm_matches_numpy_and_flax(shape, groups):
     rng = np.random.default_rng(sum(shape) + groups)
     # An offset and a spread per channel, so that E[x^2] - E[x]^2 is tested off zero mean.
