@@ -7,8 +7,9 @@ Trains each variant of the config (resuming a finished or interrupted run), then
 count draws `num_samples` images with deterministic DDIM (η = 0, 'trailing' spacing, so that the
 first step starts at t = T - 1 for every step count) and reports FD-MNIST5k (mnist5k data only)
 and each model's test bits/dim (the full T-step bound; DDIM has no likelihood of its own). Writes
-`few_step_study.json`, `few_step_study.md` (the table) and `few_step_study.png` (FD against
-steps) to the workdir, and to `--docs_dir` when given; one sample grid per variant and step count.
+`few_step_study.json`, `few_step_study_table.md` (the table) and `few_step_study.png` (FD against
+steps) to the workdir, and to `--docs_dir` when given (docs/few_step_study.md, the page around
+the table, is written by hand); one sample grid per variant and step count.
 """
 
 import json
@@ -101,7 +102,7 @@ def study_variant(base, name, workdir, step_counts, num_samples, bpd_images):
 
 
 def write_report(rows, out_dir, command):
-    """few_step_study.{json,md,png} in out_dir."""
+    """few_step_study.json, few_step_study_table.md and few_step_study.png in out_dir."""
     with open(os.path.join(out_dir, 'few_step_study.json'), 'w') as f:
         json.dump(dict(command=command, rows=rows), f, indent=2)
     variants = list(dict.fromkeys(r['variant'] for r in rows))
@@ -116,7 +117,7 @@ def write_report(rows, out_dir, command):
     bpd = [f'{by_key[v, steps[0]]["bits_per_dim"]:.3f}'
            if by_key[v, steps[0]]['bits_per_dim'] is not None else 'n/a' for v in variants]
     lines.append('| bits/dim (T-step bound) | ' + ' | '.join(bpd) + ' |')
-    with open(os.path.join(out_dir, 'few_step_study.md'), 'w') as f:
+    with open(os.path.join(out_dir, 'few_step_study_table.md'), 'w') as f:
         f.write(f'`{command}`\n\nFD-MNIST5k (lower is better) of DDIM (η = 0) samples:\n\n'
                 + '\n'.join(lines) + '\n')
     import matplotlib
@@ -154,8 +155,8 @@ def main(argv):
     command = 'python ' + ' '.join(sys.argv)
     write_report(rows, FLAGS.workdir, command)
     if FLAGS.docs_dir:
-        for ext in ('json', 'md', 'png'):
-            shutil.copy(os.path.join(FLAGS.workdir, f'few_step_study.{ext}'), FLAGS.docs_dir)
+        for name in ('few_step_study.json', 'few_step_study_table.md', 'few_step_study.png'):
+            shutil.copy(os.path.join(FLAGS.workdir, name), FLAGS.docs_dir)
 
 
 if __name__ == '__main__':

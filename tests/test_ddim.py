@@ -237,6 +237,7 @@ def test_few_step_study_script_runs_on_tiny(tmp_path, data_dir):
     step counts, the report files. More variants only repeat the same loop."""
     workdir, docs = tmp_path / 'study', tmp_path / 'docs'
     docs.mkdir()
+    (docs / 'few_step_study.md').write_text('the page')  # Written by hand: never overwritten.
     run_python(['scripts/few_step_study.py', '--config=configs/tiny.py', f'--workdir={workdir}',
                 f'--config.data.data_dir={data_dir}', '--variants=dual', '--steps=2,20',
                 '--num_samples=16', '--bpd_images=16', f'--docs_dir={docs}'], num_devices=2,
@@ -249,7 +250,8 @@ def test_few_step_study_script_runs_on_tiny(tmp_path, data_dir):
         assert r['train_steps'] == 6 and 0 < r['bits_per_dim'] < 1000
     assert rows['dual', 2]['bits_per_dim'] == rows['dual', 20]['bits_per_dim']  # one per model
     assert (docs / 'few_step_study.png').stat().st_size > 1000
-    table = (docs / 'few_step_study.md').read_text()
+    assert (docs / 'few_step_study.md').read_text() == 'the page'
+    table = (docs / 'few_step_study_table.md').read_text()
     assert '| steps | dual |' in table and '| 20 |' in table and 'bits/dim' in table
     assert (workdir / 'dual' / 'samples_ddim2.png').exists()
     assert (workdir / 'dual' / 'checkpoints').is_dir()
