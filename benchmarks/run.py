@@ -51,9 +51,17 @@ TPU_CASES = {
     'train_cifar10_b128_bf16': ('train', 'cifar10', 128, None, 5, 20, 'bfloat16'),
     'sample_cifar10_256x1000_bf16': ('sample', 'cifar10', 256, 1000, 3, 1, 'bfloat16'),
 }
+# GPU sampling at a batch a GPU user samples with (benchmarks/gpu_check.py); the train cases are
+# TPU_CASES' batch-128 ones.
+GPU_CASES = {
+    'sample_cifar10_128x100': ('sample', 'cifar10', 128, 100, 3, 1),
+    'sample_cifar10_128x100_bf16': ('sample', 'cifar10', 128, 100, 3, 1, 'bfloat16'),
+}
 CASES.update(SMOKE_CASES)
 CASES.update(TPU_CASES)
-REPORTED = [c for c in CASES if c not in SMOKE_CASES and c not in TPU_CASES]
+CASES.update(GPU_CASES)
+REPORTED = [c for c in CASES if c not in SMOKE_CASES and c not in TPU_CASES
+            and c not in GPU_CASES]
 BUSY_CORES = 0.3  # Other processes' average load above which results are not reported.
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'diffusers', 'numpy')
 
@@ -82,21 +90,21 @@ def case_config(case):
     return config
 
 
-def make_workload(case, side):
+def make_workload(case, side, peer_compile='none'):
     from benchmarks import workloads
     kind, _, size, steps, *_ = CASES[case]
     config = case_config(case)
-    if kind == 'train':
-        cls = workloads.JaxTrain if side == 'ours' else workloads.TorchTrain
-        return cls(config, size)
-    cls = workloads.JaxSample if side == 'ours' else workloads.TorchSample
-    return cls(config, size, steps)
+    args = (size,) if kind == 'train' else (size, steps)
+    if side == 'ours':
+        return (workloads.JaxTrain if kind == 'train' else workloads.JaxSample)(config, *args)
+    return (workloads.TorchTrain if kind == 'train' else workloads.TorchSample)(
+        config, *args, compile_backend=peer_compile)
 
 
-def measure(case, rounds, monitor, sides):
+def measure(case, rounds, monitor, sides, peer_compile='none'):
     """Alternating rounds of the sides; per side the throughput of every round."""
     calls = CASES[case][5]
-    sides = {side: make_workload(case, side) for side in sides}
+    sides = {side: make_workload(case, side, peer_compile) for side in sides}
     first_call = {side: w.prepare() for side, w in sides.items()}
     rates = {side: [] for side in sides}
     monitor.reset()
@@ -215,6 +223,9 @@ def main():
     parser.add_argument('--ours_only', action='store_true',
                         help='no peer (e.g. on a TPU VM without torch); nothing written to docs/')
     parser.add_argument('--json', help='also write the results here')
+    parser.add_argument('--peer_compile', default='none',
+                        help='the peer under torch.compile: none | inductor | eager (graph '
+                        'capture only); anything but none writes nothing to docs/')
     parser.add_argument('--memory_of', help='re-measure only the peak RSS of the cases in this '
                         'results JSON (rewriting docs/ if it is docs/benchmarks.json)')
     parser.add_argument('--child', help=argparse.SUPPRESS)
@@ -233,6 +244,7 @@ def main():
         sys.exit(f'refusing to benchmark: other processes use {idle:.2f} cores '
                  f'(limit {BUSY_CORES}); rerun on an idle machine or pass --force')
     configure_backends(args.xla_flags, with_torch=not args.ours_only)
+    import jax
     from benchmarks import workloads
     sides = ('ours',) if args.ours_only else ('ours', 'peer')
     ceilings = machine.matmul_ceilings(with_torch=not args.ours_only)
@@ -250,14 +262,16 @@ def main():
         kind, config_name = CASES[case][:2]
         gflop = workloads.forward_gflops(load_config(config_name)) * (3 if kind == 'train' else 1)
         rounds = 2 if args.quick else CASES[case][4]
-        rates, first_call, other = measure(case, rounds, monitor, sides)
+        rates, first_call, other = measure(case, rounds, monitor, sides, args.peer_compile)
         summary = summarize(case, rates, first_call, other, gflop, ceiling)
-        summary['gflop_per_unit'] = gflop
+        summary.update(gflop_per_unit=gflop, peer_compile=args.peer_compile,
+                       peer_device=None if args.ours_only else workloads.peer_device(),
+                       our_devices=str(jax.devices()))
         results['cases'].append(summary)
         print(json.dumps(summary), flush=True)
         gc.collect()
-    if not args.quick:
-        measure_memory(results, args.xla_flags)
+    if not args.quick and (args.ours_only or workloads.peer_device() == 'cpu'):
+        measure_memory(results, args.xla_flags)  # Host RSS: meaningful where both run there.
     results['other_cores_max'] = max(r['other_cores'] for r in results['cases'])
     table = markdown_table(results)
     print(table)
@@ -266,7 +280,8 @@ def main():
     if results['other_cores_max'] > BUSY_CORES and not args.force:
         sys.exit(f'not reporting: other processes used up to {results["other_cores_max"]:.2f} '
                  'cores during the run')
-    if not args.quick and not args.ours_only and set(cases) == set(REPORTED):
+    if (not args.quick and not args.ours_only and args.peer_compile == 'none'
+            and set(cases) == set(REPORTED)):
         write_docs(results, table)
 
 

@@ -3,7 +3,8 @@
 Each workload has `prepare()` (build, compile or warm up; returns its first-call seconds),
 `run()` (one timed unit of work, finished when it returns) and `units` (images, or image-steps,
 per `run()`). The peer is what a diffusers user writes: `UNet2DModel` with our U-Net's
-`config.json` (`pretrained.diffusers_unet_config`), `DDPMScheduler`, Adam, `EMAModel`, eager mode.
+`config.json` (`pretrained.diffusers_unet_config`), `DDPMScheduler`, Adam, `EMAModel`, eager
+mode (or `torch.compile`), on the GPU where torch sees one.
 """
 
 import time
@@ -98,29 +99,52 @@ class JaxSample:
                                              jax.random.key(2), self.t_start))
 
 
+PEER_COMPILE = ('none', 'eager', 'inductor')
+
+
+def peer_device():
+    """Where the peer runs: the GPU when torch sees one, else the CPU."""
+    import torch
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
 def peer_precision(config):
-    """The peer's precision for our config's: bfloat16 autocast where the CPU has bfloat16
-    matmul units (else float32, the peer's fastest)."""
+    """The peer's precision for our config's: bfloat16 autocast on a GPU or where the CPU has
+    bfloat16 matmul units (else float32, the peer's fastest)."""
     from benchmarks import machine
-    return 'bfloat16' if config.model.dtype == 'bfloat16' and machine.has_bf16_matmul() \
-        else 'float32'
+    bf16 = peer_device() == 'cuda' or machine.has_bf16_matmul()
+    return 'bfloat16' if config.model.dtype == 'bfloat16' and bf16 else 'float32'
 
 
 def _autocast(config):
     import contextlib
     import torch
     if peer_precision(config) == 'bfloat16':
-        return torch.autocast('cpu', dtype=torch.bfloat16)
+        return torch.autocast(peer_device(), dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _torch_unet(config, train_mode):
+def _synchronize():
+    import torch
+    if peer_device() == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _torch_unet(config, train_mode, compile_backend='none'):
+    """diffusers' UNet2DModel of our config, on `peer_device()`; `compile_backend` 'inductor'
+    is `torch.compile` as a user would call it, 'eager' its graph capture without code
+    generation (what the CPU test runs), 'none' eager mode."""
     import diffusers
     import torch
+    if compile_backend not in PEER_COMPILE:
+        raise ValueError(f'unknown peer compile {compile_backend!r}; valid: {PEER_COMPILE}')
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(**pretrained.diffusers_unet_config(
         config.model, config.data.image_size, config.data.channels))
-    return unet.train(train_mode)
+    unet = unet.to(peer_device()).train(train_mode)
+    if compile_backend != 'none':
+        unet.forward = torch.compile(unet.forward, backend=compile_backend)
+    return unet
 
 
 def _torch_scheduler(config):
@@ -132,16 +156,16 @@ def _torch_scheduler(config):
 class TorchTrain:
     """The diffusers training step: noise, forward, MSE, backward, clip, Adam, EMA."""
 
-    def __init__(self, config, batch_size):
+    def __init__(self, config, batch_size, compile_backend='none'):
         import torch
         from diffusers.training_utils import EMAModel
         self.units = batch_size
-        self.unet = _torch_unet(config, train_mode=True)
+        self.unet = _torch_unet(config, train_mode=True, compile_backend=compile_backend)
         self.scheduler = _torch_scheduler(config)
         self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=config.optim.learning_rate)
         self.ema = EMAModel(self.unet.parameters(), decay=config.optim.ema_decay)
         size, channels = config.data.image_size, config.data.channels
-        self.images = torch.rand(batch_size, channels, size, size) * 2 - 1
+        self.images = torch.rand(batch_size, channels, size, size, device=peer_device()) * 2 - 1
         self.grad_clip = config.optim.grad_clip
         self.config = config
 
@@ -152,7 +176,8 @@ class TorchTrain:
         import torch
         x0 = self.images
         noise = torch.randn_like(x0)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],))
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],),
+                          device=x0.device)
         with _autocast(self.config):
             output = self.unet(self.scheduler.add_noise(x0, noise, t), t).sample
         loss = torch.nn.functional.mse_loss(output.float(), noise)
@@ -161,20 +186,22 @@ class TorchTrain:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.step(self.unet.parameters())
+        _synchronize()
 
 
 class TorchSample:
     """DDPMPipeline's loop: `num_steps` of UNet forward + DDPMScheduler.step, inference mode."""
 
-    def __init__(self, config, num_images, num_steps):
+    def __init__(self, config, num_images, num_steps, compile_backend='none'):
         import torch
         self.units = num_images * num_steps
-        self.unet = _torch_unet(config, train_mode=False)
+        self.unet = _torch_unet(config, train_mode=False, compile_backend=compile_backend)
         self.scheduler = _torch_scheduler(config)
         self.scheduler.set_timesteps(config.diffusion.num_timesteps)
         size, channels = config.data.image_size, config.data.channels
-        self.generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(num_images, channels, size, size, generator=self.generator)
+        self.generator = torch.Generator(peer_device()).manual_seed(0)
+        self.x = torch.randn(num_images, channels, size, size, generator=self.generator,
+                             device=peer_device())
         self.num_steps = num_steps
         self.config = config
 
@@ -190,4 +217,5 @@ class TorchSample:
                     output = self.unet(x, t).sample
                 x = self.scheduler.step(output.float(), t, x,
                                         generator=self.generator).prev_sample
+        _synchronize()
         return x

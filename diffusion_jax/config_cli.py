@@ -20,9 +20,9 @@ config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', l
 flags.DEFINE_string('workdir', None, 'Checkpoints, event files and samples go here.')
 
 
-def run(main):
+def run(main, required=('config', 'workdir')):
     """`app.run(main)` with the config helpers: call it under `if __name__ == '__main__'`."""
-    flags.mark_flags_as_required(['config', 'workdir'])
+    flags.mark_flags_as_required(list(required))
     _make_configs_importable(sys.argv)
     app.run(main, flags_parser=parse_flags)
 

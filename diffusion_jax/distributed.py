@@ -5,7 +5,7 @@ Cloud TPU VMs it finds the coordinator itself). Each process then reads its own 
 global batch (`InputPipeline`), and only process 0 writes metrics, images and logs.
 """
 
-import importlib.util
+import glob
 import logging
 import os
 
@@ -21,14 +21,14 @@ def initialize(mode, *, coordinator_address=None, num_processes=None, process_id
 
     Args:
       mode: 'on' always initializes; 'off' never (Colab, a single host); 'auto' initializes on a
-        Cloud TPU VM (libtpu installed) or when JAX_COORDINATOR_ADDRESS is set.
+        Cloud TPU VM (TPU chips attached) or when JAX_COORDINATOR_ADDRESS is set.
       coordinator_address, num_processes, process_id: for clusters JAX cannot detect (and the
         local multi-process tests); None lets `jax.distributed.initialize` find them.
     """
     if mode not in MODES:
         raise ValueError(f'Unknown --distributed={mode!r}; valid: {", ".join(MODES)}')
     if mode == 'auto':
-        mode = ('on' if importlib.util.find_spec('libtpu') or coordinator_address
+        mode = ('on' if tpu_chips_attached() or coordinator_address
                 or os.environ.get('JAX_COORDINATOR_ADDRESS') else 'off')
     if mode == 'off':
         return False
@@ -37,6 +37,19 @@ def initialize(mode, *, coordinator_address=None, num_processes=None, process_id
     logging.info('Joined the JAX cluster as process %d of %d', jax.process_index(),
                  jax.process_count())
     return True
+
+
+def tpu_chips_attached():
+    """Whether this machine has TPU chips (on the PCI bus, as JAX's own TPU set-up looks).
+
+    Not whether libtpu is installed: it is also installed where TPU programs are only compiled
+    (`diffusion_jax.aot` on a CPU machine), which must not start a cluster.
+    """
+    try:
+        from jax._src import hardware_utils
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except (ImportError, AttributeError, OSError):  # A JAX without it: look for the devices.
+        return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
 
 
 def barrier(name):

@@ -4,6 +4,12 @@
 #
 #   launch/tpu.sh COMMAND [--dry-run] [--env=FILE] [-- EXTRA ARGS]
 #
+#   preflight
+#            on this machine, before anything is created or paid for: compile CONFIG's train
+#            step and sampler for ACCELERATOR_TYPE with libtpu's compiler (python -m
+#            diffusion_jax.aot; needs `pip install -e '.[tpu]'` here) and stop if it does not
+#            fit; EXTRA ARGS are --config.* overrides. create and train run it first unless
+#            PREFLIGHT=0
 #   create   gcloud ... queued-resources create (QUEUED=1) or tpu-vm create (QUEUED=0);
 #            EXTRA ARGS are more gcloud flags
 #   status   describe the queued resource (QUEUED=1) or the TPU VM
@@ -28,7 +34,7 @@
 # launch/config.example.env; docs/tpu_pod.md walks through a whole run.
 set -euo pipefail
 
-COMMANDS='create status setup mount data train logs stop delete ssh'
+COMMANDS='preflight create status setup mount data train logs stop delete ssh'
 # The TPU build of the JAX that setup.cfg pins (tests/test_launch.py checks they agree).
 JAX_TPU='jax[tpu]==0.10.2'
 LIBTPU_RELEASES='https://storage.googleapis.com/jax-releases/libtpu_releases.html'
@@ -132,6 +138,7 @@ done
 : "${RUNTIME_VERSION:=tpu-ubuntu2204-base}" "${REMOTE_DIR:=diffusion_jax}" "${PYTHON:=python3.11}"
 : "${REPO_REF:=main}" "${DATA_DIR:=data/cifar10}" "${CONFIG:=configs/cifar10.py}"
 : "${STOP_TIMEOUT:=120}" "${MOUNT:=/mnt/ddpm}" "${SHARED_WORKDIR:=0}"
+: "${PREFLIGHT:=1}" "${LOCAL_PYTHON:=python3}"
 NAME_RE='^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$'
 HOME_PATH_RE='^[A-Za-z0-9_][A-Za-z0-9_./-]*$'
 BUCKET_RE='^[a-z0-9][-_.a-z0-9]{1,61}[a-z0-9]$'  # A bucket's name, without gs://.
@@ -142,6 +149,14 @@ require ZONE '^[a-z]+-[a-z]+[0-9]+-[a-z]$' europe-west4-a
 require PROJECT '^[a-z][-a-z0-9]{4,28}[a-z0-9]$' my-project-123
 require QUEUED '^[01]$' 1
 [[ $QUEUED == 0 ]] || require QUEUED_RESOURCE "$NAME_RE" ddpm-v3-32-qr
+
+require PREFLIGHT '^[01]$' 1
+if [[ $cmd == preflight ]] || { [[ $PREFLIGHT == 1 ]] && [[ $cmd == create || $cmd == train ]]; }
+then
+    require ACCELERATOR_TYPE '^v[0-9]+[a-z]*-[0-9]+$' v3-32
+    require CONFIG '^configs/[A-Za-z0-9_]+\.py(:[A-Za-z0-9_]+)?$' configs/cifar10.py
+    require LOCAL_PYTHON '^[^[:space:]]+$' python3
+fi
 
 case $cmd in
     create)
@@ -218,15 +233,31 @@ case $cmd in
         ;;
 esac
 case $cmd in
-    create | delete | train | ssh) ;;
+    preflight | create | delete | train | ssh) ;;
     *) ((${#extra[@]} == 0)) || die "$cmd takes no extra arguments (got: ${extra[*]})" ;;
 esac
-if [[ $DRY_RUN == 0 ]] && ! command -v gcloud >/dev/null; then
+if [[ $DRY_RUN == 0 && $cmd != preflight ]] && ! command -v gcloud >/dev/null; then
     die 'gcloud not found: install the Google Cloud CLI (or use --dry-run to see the commands)'
 fi
 
 # ---- the commands
 flags=(--zone="$ZONE" --project="$PROJECT")
+
+# The ahead-of-time check, here: CONFIG (with the --config.* overrides among the extra args)
+# compiled for ACCELERATOR_TYPE; a config that does not fit stops the script before gcloud runs.
+preflight() {
+    local arg overrides=()
+    for arg in "${extra[@]}"; do
+        [[ $arg != --config.* ]] || overrides+=("$arg")
+    done
+    run "$LOCAL_PYTHON" -m diffusion_jax.aot --config="$ROOT/$CONFIG" \
+        --topology="$ACCELERATOR_TYPE" "${overrides[@]}" \
+        || die "preflight: $CONFIG on $ACCELERATOR_TYPE failed (the error above); PREFLIGHT=0" \
+            "skips the check"
+}
+if [[ $cmd == preflight ]] || [[ $PREFLIGHT == 1 && ( $cmd == create || $cmd == train ) ]]; then
+    preflight
+fi
 repo=\~/$REMOTE_DIR  # On the workers; their shell expands the ~.
 apt='sudo apt-get -o DPkg::Lock::Timeout=600'  # Waits while unattended upgrades run.
 
@@ -256,6 +287,7 @@ mount_command() {
 }
 
 case $cmd in
+    preflight) ;;
     create)
         capacity=()
         [[ $CAPACITY == on-demand ]] || capacity=(--"$CAPACITY")

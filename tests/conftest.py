@@ -31,6 +31,9 @@ def _compilation_cache_for_this_run():
 
 
 _compilation_cache_for_this_run()
+# The suite runs on the CPU. The test extra installs libtpu (tests/test_aot.py compiles for TPU
+# slices through it), and JAX would otherwise also try to start a TPU backend in every process.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402

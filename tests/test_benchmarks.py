@@ -43,3 +43,24 @@ def test_profile_groups_thunk_time_by_the_program_op():
     assert not any('down_0_block_0' in row for row in rows)
     shares = [float(line.split('%')[0].split()[-1]) for line in lines[1:]]
     assert shares == sorted(shares, reverse=True) and 95 <= sum(shares) <= 100.5  # (rounded)
+
+
+def test_gpu_check_runs_small_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py, the script a lent GPU machine runs, in its small mode here:
+    every part runs and lands in the JSON (on a GPU: the full unit tier, the main job and the
+    CIFAR-10 cases, the peer also under torch.compile)."""
+    out = tmp_path / 'check.json'
+    run_python(['-m', 'benchmarks.gpu_check', '--small', f'--out={out}'])
+    report = json.loads(out.read_text())
+    assert report['small'] is True
+    assert report['environment']['info']['jax_devices']
+    assert report['unit_tier']['returncode'] == 0 and report['unit_tier']['counts']['passed'] > 0
+    main_job = report['main_job']
+    assert main_job['returncode'] == 0
+    assert main_job['sample_metrics']['num_samples'] == 16
+    assert main_job['sample_metrics']['fd_mnist5k'] > 0
+    [benchmark] = report['benchmarks'].values()
+    assert benchmark['returncode'] == 0, benchmark['stderr_tail']
+    cases = benchmark['results']['cases']
+    assert [c['case'] for c in cases] == ['train_tiny_b16', 'sample_tiny_16x20']
+    assert all(c['peer_compile'] == 'eager' and c['ratio'] > 0 for c in cases)

@@ -38,6 +38,7 @@ VALID = {
     'BUCKET': 'my-bucket',
     'WORKDIR': '/mnt/ddpm/cifar10-run1',
     'CIFAR10_ARCHIVE': 'gs://my-bucket/cifar-10-binary.tar.gz',
+    'PREFLIGHT': '0',  # The preflight's own tests turn it on.
 }
 BASE = 'gcloud compute tpus tpu-vm ssh ddpm-v3-32 --zone=europe-west4-a --project=my-project-123'
 GCSFUSE_SOURCE = ('deb [signed-by=/usr/share/keyrings/cloud.google.asc] '
@@ -392,6 +393,55 @@ def test_logs_stop_delete_ssh(no_gcloud):
     assert remote(command) == 'cd ~/diffusion_jax && tail logs/*.log | grep loss'
 
 
+def _fake_python(tmp_path, exit_code, message=''):
+    """A LOCAL_PYTHON that records its argv and exits with `exit_code` after printing
+    `message` to stderr."""
+    calls = tmp_path / 'python_calls.jsonl'
+    program = tmp_path / 'fake_python'
+    program.write_text(f'#!{sys.executable}\nimport json, sys\n'
+                       f'open({str(calls)!r}, "a").write(json.dumps(sys.argv[1:]) + "\\n")\n'
+                       f'sys.stderr.write({message!r})\nsys.exit({exit_code})\n')
+    program.chmod(0o755)
+    return program, calls
+
+
+def test_preflight_compiles_the_config_for_the_slice_here(no_gcloud, tmp_path):
+    program, calls = _fake_python(tmp_path, 0)
+    result = launch(no_gcloud, 'preflight', '--', '--config.training.batch_size=256',
+                    LOCAL_PYTHON=str(program), ACCELERATOR_TYPE='v5litepod-16')
+    assert result.returncode == 0, result.stderr
+    [argv] = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert argv == ['-m', 'diffusion_jax.aot', f'--config={ROOT}/configs/cifar10.py',
+                    '--topology=v5litepod-16', '--config.training.batch_size=256']
+    printed = launch(no_gcloud, 'preflight', '--dry-run', LOCAL_PYTHON=str(program))
+    assert printed.stdout.splitlines() == [
+        f'{program} -m diffusion_jax.aot --config={ROOT}/configs/cifar10.py --topology=v3-32']
+
+
+@pytest.mark.parametrize('command', ['create', 'train'])
+def test_create_and_train_run_the_preflight_first(trap, tmp_path, command):
+    path, gcloud_calls = trap
+    program, calls = _fake_python(tmp_path, 0)
+    printed = launch(path, command, '--dry-run', PREFLIGHT='1',
+                     LOCAL_PYTHON=str(program)).stdout.splitlines()
+    assert printed[0].startswith(f'{program} -m diffusion_jax.aot --config=')
+    assert printed[1].startswith('gcloud ')
+    result = launch(path, command, PREFLIGHT='1', LOCAL_PYTHON=str(program))
+    assert result.returncode == 0, result.stderr
+    assert calls.exists() and gcloud_calls.exists()
+
+
+@pytest.mark.parametrize('command', ['preflight', 'create', 'train'])
+def test_a_failed_preflight_stops_before_gcloud(trap, tmp_path, command):
+    path, gcloud_calls = trap
+    program, _ = _fake_python(tmp_path, 2, 'error: does not fit on v3-32: ...\n')
+    result = launch(path, command, PREFLIGHT='1', LOCAL_PYTHON=str(program))
+    assert result.returncode == 2
+    assert 'error: does not fit on v3-32' in result.stderr
+    assert 'PREFLIGHT=0 skips the check' in result.stderr
+    assert not gcloud_calls.exists()
+
+
 def test_dry_run_runs_nothing_even_with_gcloud_on_path(trap):
     path, calls = trap
     for command in COMMANDS:
@@ -534,7 +584,7 @@ def test_example_env_documents_and_satisfies_every_variable(no_gcloud):
     assert used <= documented, used - documented
     for command in COMMANDS:
         # The example, and nothing from the environment, is a valid setting for every command.
-        env = {'PATH': str(no_gcloud), 'HOME': str(no_gcloud.parent)}
+        env = {'PATH': str(no_gcloud), 'HOME': str(no_gcloud.parent), 'PREFLIGHT': '0'}
         result = subprocess.run([BASH, str(TPU_SH), command, '--dry-run', f'--env={EXAMPLE_ENV}'],
                                 env=env, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, (command, result.stderr)

@@ -221,19 +221,35 @@ def auto_cpu_conv_general_dilated(lhs, rhs, *args, **kwargs):
     return matmul_grad_conv_general_dilated(lhs, rhs, *args, **kwargs)
 
 
+def auto_conv_general_dilated(lhs, rhs, *args, **kwargs):
+    """'auto': `auto_cpu_conv_general_dilated` in a program compiled for the CPU, XLA's own
+    convolution in one compiled for a TPU or GPU.
+
+    The choice follows the platform the program is lowered for (`lax.platform_dependent`), not
+    the process's default backend: a TPU program compiled ahead of time on a CPU host
+    (`diffusion_jax.aot`) gets the TPU's kernels, and only the chosen branch is lowered.
+    """
+    def xla(lhs, rhs):
+        return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+    def cpu(lhs, rhs):
+        return auto_cpu_conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=xla)
+
+
 def conv_general_dilated(conv_backward):
     """The convolution function of a `UNet.conv_backward` setting.
 
-    'auto' is `auto_cpu_conv_general_dilated` when the default backend is the CPU and XLA's
-    convolution elsewhere; 'bf16_matmul' forces the bfloat16 matmul convolution (for bfloat16
-    operands; float32 ones get 'matmul') whatever the CPU.
+    'auto' is `auto_conv_general_dilated` (the CPU paths only in CPU programs); 'bf16_matmul'
+    forces the bfloat16 matmul convolution (for bfloat16 operands; float32 ones get 'matmul')
+    whatever the CPU.
     """
     if conv_backward not in CONV_BACKWARDS:
         raise ValueError(f'Unknown conv_backward {conv_backward!r}; valid: '
                          f'{", ".join(CONV_BACKWARDS)}')
     if conv_backward == 'auto':
-        return (auto_cpu_conv_general_dilated if jax.default_backend() == 'cpu'
-                else lax.conv_general_dilated)
+        return auto_conv_general_dilated
     return {'matmul': matmul_grad_conv_general_dilated,
             'bf16_matmul': bf16_matmul_conv_general_dilated,
             'xla': lax.conv_general_dilated}[conv_backward]
