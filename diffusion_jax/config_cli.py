@@ -15,24 +15,32 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from diffusion_jax import allocator
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, event files and samples go here.')
 
 
 def run(main, required=('config', 'workdir')):
-    """`app.run(main)` with the config helpers: call it under `if __name__ == '__main__'`."""
+    """`app.run(main)` with the config helpers: call it under `if __name__ == '__main__'`.
+
+    First the process restarts itself once with the allocator settings of `allocator` (glibc
+    reads them only at start-up), so every command-line entry point runs with them.
+    """
+    allocator.reexec_with_tunables()
     flags.mark_flags_as_required(list(required))
     _make_configs_importable(sys.argv)
     app.run(main, flags_parser=parse_flags)
 
 
 def setup_logging():
-    """INFO logging through absl, without orbax's line per file written."""
+    """INFO logging through absl, without orbax's line per file written; logs the allocator."""
     logging.set_verbosity(logging.INFO)
     py_logging.getLogger('absl').setLevel(py_logging.INFO)
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname)
+    logging.info('Allocator: %s', allocator.describe())
 
 
 def _config_path(argv):

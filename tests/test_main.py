@@ -1,7 +1,12 @@
-"""The entry point's machine probing."""
+"""The entry point: its machine probing, and its restart with the allocator settings."""
 
 import os
+import subprocess
+import sys
 
+from conftest import ROOT, python_env
+
+from diffusion_jax import allocator
 from diffusion_jax import main
 
 
@@ -26,3 +31,33 @@ def test_cpu_backend_schedules_in_order_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv('XLA_FLAGS', chosen)
     main.configure_cpu_backend(None, 0, fast_math=False)
     assert os.environ['XLA_FLAGS'] == chosen
+
+
+def _allocator_line(tmp_path, env, **changes):
+    """The 'Allocator:' log lines of a short CLI run in `env` updated by `changes` (a None
+    removes the variable); the run stops at once, there being no checkpoint."""
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    result = subprocess.run(
+        [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
+         f'--workdir={tmp_path / "empty"}', '--mode=sample'], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and 'no checkpoint' in result.stderr
+    return [line for line in result.stderr.splitlines() if 'Allocator: ' in line]
+
+
+def test_the_cli_restarts_itself_with_the_allocator_settings(tmp_path):
+    """A process started without GLIBC_TUNABLES runs with diffusion_jax's (once: one line)."""
+    [line] = _allocator_line(tmp_path, python_env(), GLIBC_TUNABLES=None, LD_PRELOAD=None)
+    assert f'GLIBC_TUNABLES={allocator.TUNABLES} (set by diffusion_jax)' in line
+
+
+def test_the_users_allocator_settings_win(tmp_path):
+    [line] = _allocator_line(tmp_path, python_env(), GLIBC_TUNABLES='glibc.malloc.arena_max=2')
+    assert 'GLIBC_TUNABLES=glibc.malloc.arena_max=2 (set by the user)' in line
+    [line] = _allocator_line(tmp_path, python_env(), GLIBC_TUNABLES=None,
+                             DIFFUSION_JAX_ALLOCATOR='default')
+    assert line.endswith('Allocator: glibc defaults')
