@@ -23,6 +23,9 @@ from benchmarks import run as bench
 BLOCK = re.compile(r'(down|up|mid)_\d+_(block|attn|downsample|upsample)(_\d+)?|'
                    r'mid_(block|attn)_\d')
 OP_NAME = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
+# The branch that `lax.platform_dependent` took ('auto' convolutions, models/conv.py): one kernel,
+# so not part of the row's name.
+PLATFORM_BRANCH = re.compile(r'cond/branch_\d+_fun/')
 
 
 def op_names(hlo_text):
@@ -31,7 +34,8 @@ def op_names(hlo_text):
     for line in hlo_text.splitlines():
         match = OP_NAME.match(line)
         if match:
-            names[match.group(1)] = BLOCK.sub('X', match.group(2).split('/', 1)[-1])
+            name = PLATFORM_BRANCH.sub('', match.group(2).split('/', 1)[-1])
+            names[match.group(1)] = BLOCK.sub('X', name)
     return names
 
 

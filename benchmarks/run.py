@@ -44,7 +44,8 @@ SMOKE_CASES = {
     'sample_tiny_16x20': ('sample', 'tiny', 16, 20, 2, 1),
 }
 # The paper's TPU v3-8 workloads (21 steps/s at batch 128; 256 samples in 17 s), for --ours_only
-# runs on a TPU VM (benchmarks/tpu_projection.md); far too slow for these CPUs.
+# runs on a TPU VM (the compiler's view of them without one: docs/tpu.md); far too slow for
+# these CPUs.
 TPU_CASES = {
     'train_cifar10_b128': ('train', 'cifar10', 128, None, 5, 20),
     'sample_cifar10_256x1000': ('sample', 'cifar10', 256, 1000, 3, 1),

@@ -34,6 +34,7 @@ from diffusion_jax import sampling
 from diffusion_jax import train
 from diffusion_jax import train_state as train_state_lib
 from diffusion_jax.sampling import ancestral
+from diffusion_jax.sampling import configured
 from diffusion_jax.sampling import ddim
 from diffusion_jax.sampling import langevin
 from diffusion_jax.sampling import pc
@@ -224,7 +225,7 @@ def compile_sampler_chunk(config, mesh):
             num_steps=chunk, clip_denoised=s.clip_denoised)
     elif s.sampler == 'ddim':
         total = s.num_steps
-        chunk = min(-(-s.num_steps * s.chunk_size // process.num_timesteps), total)
+        chunk = min(configured.ddim_chunk_size(s, process.num_timesteps), total)
         steps = dict(t=jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=replicated),
                      **{k: jax.ShapeDtypeStruct((chunk,), jnp.float32, sharding=replicated)
                         for k in ('sqrt_alpha_bar_to', 'eps_coef', 'sigma')})
@@ -304,11 +305,15 @@ def program_figures(compiled, hbm_gib, loop_costs_known=True):
         cost = cost[0] if cost else {}
     known = {key: _finite_positive(cost.get(key)) if loop_costs_known else None
              for key in ('flops', 'bytes accessed', 'optimal_seconds')}
+    text = compiled.as_text()
     return {
         'argument_gib': argument, 'output_gib': output, 'temp_gib': temp, 'total_gib': total,
         'fits': total <= hbm_gib, 'flops': known['flops'],
         'bytes_accessed': known['bytes accessed'], 'optimal_seconds': known['optimal_seconds'],
-        'collectives': collectives(compiled.as_text()),
+        'compiler_optimal_seconds': cost.get('optimal_seconds'),  # As given, even if absurd.
+        'collectives': collectives(text),
+        'custom_calls': dict(collections.Counter(
+            re.findall(r'custom_call_target="([^"]+)"', text))),
     }
 
 

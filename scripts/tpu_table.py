@@ -19,14 +19,18 @@ sys.path.insert(0, ROOT)
 
 from diffusion_jax import aot  # noqa: E402
 from diffusion_jax import config_cli  # noqa: E402
+from diffusion_jax import parallel  # noqa: E402
 
-# Program groups: configs whose networks, batches, samplers and sharding are the same.
+HIRES = ('configs/celebahq.py', 'configs/lsun_church.py', 'configs/lsun_bedroom.py',
+         'configs/lsun_cat.py')
+# Program groups: configs whose networks, batches, samplers and sharding are the same, with the
+# overrides of a lever row (e.g. the 256x256 models under FSDP rules).
 PROGRAMS = {
-    'cifar10': ('configs/cifar10.py',),
-    'cifar10_score': ('configs/cifar10_score.py',),
-    'hires': ('configs/celebahq.py', 'configs/lsun_church.py', 'configs/lsun_bedroom.py',
-              'configs/lsun_cat.py'),
-    'mnist': ('configs/mnist.py',),
+    'cifar10': (('configs/cifar10.py',), {}),
+    'cifar10_score': (('configs/cifar10_score.py',), {}),
+    'hires': (HIRES, {}),
+    'hires_fsdp': (HIRES, {'param_sharding': parallel.FSDP_RULES}),
+    'mnist': (('configs/mnist.py',), {}),
 }
 PRECISIONS = {'fp32': {}, 'bf16': {'dtype': 'bfloat16'}}
 # What decides the compiled programs; the rest (dataset name, flips, step counts) does not.
@@ -51,9 +55,11 @@ def program_config(paths):
 
 
 def run_entry(program, slice_name, precision):
-    config = program_config(PROGRAMS[program])
+    paths, training = PROGRAMS[program]
+    config = program_config(paths)
     with config.unlocked():
         config.model.update(PRECISIONS[precision])
+        config.training.update(training)
     start = time.perf_counter()
     try:
         report = aot.preflight(config, slice_name)
@@ -84,7 +90,7 @@ def render(results):
         program, slice_name, precision = key.split('|')
         r = results[key]
         sharding = 'FSDP' if r['param_sharding'] else 'replicated'
-        names = ', '.join(os.path.basename(p)[:-3] for p in PROGRAMS[program])
+        names = ', '.join(os.path.basename(p)[:-3] for p in PROGRAMS[program][0])
         if 'does_not_fit' in r:
             lines.append(f"| {program} ({names}) | {slice_name} | {precision}, {sharding} | "
                          f"**does not fit**: {r['does_not_fit'].split(', and a ')[0]} "

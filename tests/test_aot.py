@@ -16,7 +16,6 @@ from configs import tiny
 from diffusion_jax import aot
 from diffusion_jax import parallel
 from diffusion_jax import train
-from diffusion_jax import train_state as train_state_lib
 
 pytest.importorskip('libtpu', reason="the TPU compiler comes with the test extra (Linux x86_64)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,18 +107,8 @@ def _tiny(**model):
 
 def _compiled_ops(config, mesh):
     """{opcode: count} of the config's train step compiled for `mesh`'s devices."""
-    model = train.make_model(config)
-    optimizer = train_state_lib.make_optimizer(config.optim)
-    state, shardings = aot.abstract_state(config, model, optimizer, mesh)
-    shape = (config.training.batch_size, 8, 8, 1)
-    batch = {'image': jax.ShapeDtypeStruct(shape, 'float32', sharding=parallel.data_sharded(mesh)),
-             'label': jax.ShapeDtypeStruct(shape[:1], 'int32',
-                                           sharding=parallel.data_sharded(mesh))}
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
-    step = train.build_step(config, model, train.make_diffusion(config.diffusion), optimizer,
-                            mesh, shardings)
-    text = step.lower(state, batch, rng).compile().as_text()
-    return collections.Counter(re.findall(r'= \S+ ([a-z][a-z0-9\-]*)\(', text))
+    compiled, _ = aot.compile_train_step(config, mesh)
+    return collections.Counter(re.findall(r'= \S+ ([a-z][a-z0-9\-]*)\(', compiled.as_text()))
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])

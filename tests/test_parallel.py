@@ -18,19 +18,27 @@ def results(tmp_path_factory):
     return dict(np.load(out))
 
 
+# Adam moves a parameter by up to the learning rate (1e-3 here) per step whatever its gradient's
+# size, so where a gradient is ~0 its rounding decides a sizeable part of the move: one of the
+# 44,969 parameters differed by 1.7e-5 between 1 and 8 devices on an Intel Xeon with AMX
+# (2026-12-06; on the AMD EPYCs all were within 1e-5). A tenth of one step's move still fails
+# a wrong sharding, which moves many parameters by whole steps.
+PARAMS_ATOL = 1e-4
+
+
 def test_eight_devices_match_one(results):
     # Same global batch, same noise (threefry draws do not depend on the sharding); only the
     # order of the float32 reductions differs. Measured: losses equal to ~1e-7 relative.
     np.testing.assert_allclose(results['jit_8_losses'], results['jit_1_losses'], rtol=1e-5)
     np.testing.assert_allclose(results['jit_8_params'], results['jit_1_params'],
-                               rtol=1e-4, atol=1e-5)
+                               rtol=1e-4, atol=PARAMS_ATOL)
 
 
 def test_shard_map_matches_jit(results):
     np.testing.assert_allclose(results['shard_map_8_losses'], results['jit_8_losses'],
                                rtol=1e-5)
     np.testing.assert_allclose(results['shard_map_8_params'], results['jit_8_params'],
-                               rtol=1e-4, atol=1e-5)
+                               rtol=1e-4, atol=PARAMS_ATOL)
 
 
 def test_training_moved_the_parameters(results):

@@ -62,6 +62,12 @@ def check_sampling_config(sampling_config, process):
                          f'{", ".join(ode.SOLVERS)}')
 
 
+def ddim_chunk_size(sampling_config, num_timesteps):
+    """DDIM steps per jitted call: as many x̂_0 snapshots as the ancestral sampler's chunks of
+    `chunk_size` would give over all T steps."""
+    return -(-sampling_config.num_steps * sampling_config.chunk_size // num_timesteps)
+
+
 def sample_batch(sampling_config, model_apply, params, process, rng, shape, *, progress=True,
                  sharding=None, guidance_fn=None):
     """One batch from the configured sampler: (x_0, snapshots of x̂_0 along the way), float32.
@@ -76,11 +82,10 @@ def sample_batch(sampling_config, model_apply, params, process, rng, shape, *, p
             chunk_size=s.chunk_size, progress=progress, sharding=sharding,
             guidance_fn=guidance_fn)
     if s.sampler == 'ddim':
-        # As many snapshots as the ancestral sampler's chunking would give over T steps.
-        chunk = -(-s.num_steps * s.chunk_size // process.num_timesteps)
         return ddim.ddim_sample(
             model_apply, params, process, rng, shape, num_steps=s.num_steps, eta=s.eta,
-            spacing=s.timestep_spacing, clip_denoised=s.clip_denoised, chunk_size=chunk,
+            spacing=s.timestep_spacing, clip_denoised=s.clip_denoised,
+            chunk_size=ddim_chunk_size(s, process.num_timesteps),
             progress=progress, sharding=sharding, guidance_fn=guidance_fn)
     if s.sampler == 'pc':
         return pc.pc_sample(
