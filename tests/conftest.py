@@ -53,7 +53,9 @@ from filelock import FileLock  # noqa: E402
 # against the PyTorch peer; the rest are unit tests.
 TIERS = ('unit', 'reference', 'end_to_end')
 _STARTS_A_PROCESS = ('run_python(', 'subprocess.Popen(', 'python_env(', 'trained_tiny',
-                     'nbclient', 'run_cluster(', 'run_single(')
+                     'nbclient', 'run_cluster(', 'run_single(',
+                     # Not a process, but as long: a compile for a TPU slice (tests/test_aot.py).
+                     'topology_devices(')
 _REFERENCE_MODULES = ('reference_ddpm', 'reference_sde', 'torch', 'diffusers')
 
 

@@ -3,22 +3,19 @@ compiler on this CPU machine (compile-only devices; no TPU is used)."""
 
 import collections
 import json
-import os
 import re
-import subprocess
-import sys
 import types
 
 import jax
 import pytest
 
+from conftest import run_python
 from configs import tiny
 from diffusion_jax import aot
 from diffusion_jax import parallel
 from diffusion_jax import train
 
 pytest.importorskip('libtpu', reason="the TPU compiler comes with the test extra (Linux x86_64)")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('name, topology, per_host, hosts', [
@@ -143,18 +140,15 @@ def test_sampler_costs_are_one_reverse_step_whatever_the_chunk():
     assert flops[5] == pytest.approx(flops[1], rel=0.05)
 
 
-def _run_aot(*args, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS='')
-    return subprocess.run([sys.executable, '-m', 'diffusion_jax.aot', '--config=configs/tiny.py',
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+def _aot_cli(*args):
+    return ['-m', 'diffusion_jax.aot', '--config=configs/tiny.py', *args]
 
 
 def test_cli_writes_the_table_and_the_json_for_a_megacore_slice(tmp_path):
     """v4-8 as JAX sees it: 4 devices of 2 TensorCores, one host; the gradient is all-reduced
     (about its own bytes), and both programs fit."""
     path = tmp_path / 'out.json'
-    result = _run_aot('--topology=v4-8', f'--json={path}', tmp_path=tmp_path)
+    result = run_python(_aot_cli('--topology=v4-8', f'--json={path}'), check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'v4-8: 4 x TPU v4 (2 core(s) per device, 1 host(s), 32 GiB' in result.stdout
     assert 'collectives:' in result.stdout
@@ -183,9 +177,9 @@ def test_cli_writes_the_table_and_the_json_for_a_megacore_slice(tmp_path):
 
 
 def test_cli_a_config_that_does_not_fit_exits_naming_need_and_capacity(tmp_path):
-    result = _run_aot('--topology=v5e-8', '--config.data.image_size=256',
-                      '--config.training.batch_size=4096', '--config.sampling.batch_size=8',
-                      tmp_path=tmp_path)
+    result = run_python(_aot_cli('--topology=v5e-8', '--config.data.image_size=256',
+                                 '--config.training.batch_size=4096',
+                                 '--config.sampling.batch_size=8'), check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     error = [line for line in result.stderr.splitlines() if line.startswith('error:')]
     assert len(error) == 1
@@ -197,7 +191,7 @@ def test_cli_a_config_that_does_not_fit_exits_naming_need_and_capacity(tmp_path)
 
 
 def test_cli_unknown_slice_lists_the_valid_ones(tmp_path):
-    result = _run_aot('--topology=v9-8', tmp_path=tmp_path)
+    result = run_python(_aot_cli('--topology=v9-8'), check=False)
     assert result.returncode == 2
     assert "error: unknown TPU slice 'v9-8'; valid:" in result.stderr
     assert 'Traceback' not in result.stderr
