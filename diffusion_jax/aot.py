@@ -301,8 +301,6 @@ def program_figures(compiled, hbm_gib, loop_costs_known=True):
     temp = memory.temp_size_in_bytes / GIB
     total = argument + output + temp + memory.generated_code_size_in_bytes / GIB
     cost = compiled.cost_analysis() or {}
-    if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
-        cost = cost[0] if cost else {}
     known = {key: _finite_positive(cost.get(key)) if loop_costs_known else None
              for key in ('flops', 'bytes accessed', 'optimal_seconds')}
     text = compiled.as_text()
@@ -334,7 +332,7 @@ def preflight(config, slice_name):
         'parallel': config.training.parallel,
         'param_sharding': [list(rule) for rule in config.training.param_sharding],
         'num_microbatches': config.training.num_microbatches,
-        'global_batch': config.training.batch_size,
+        'global_batch': config.training.batch_size, 'sampler': config.sampling.sampler,
         'units': {'*_gib': 'GiB per device', 'flops': 'per device and step',
                   'bytes_accessed': 'HBM bytes per device and step',
                   'optimal_seconds': "the compiler's estimate per step (None: unknown)",
@@ -409,21 +407,22 @@ def format_table(report):
     for name, unit in (('train', 'steps/s'), ('sample', 'images/s')):
         f = report[name]
         if f is None:
-            lines.append(f'{name:<8} not compiled (sampler {report.get("sampler", "")} has no '
-                         'fixed reverse step, or needs a trained classifier)')
+            lines.append(f"{name:<8} not compiled: the {report['sampler']} sampler has no "
+                         'fixed reverse step, or classifier guidance needs a trained classifier')
             continue
         rate = f['steps_per_second'] if name == 'train' else f['images_per_second']
-        per = '' if name == 'train' else ' per step'
         lines.append(
             f"{name:<8} {f['argument_gib']:>9.3f} {f['temp_gib']:>9.3f} {f['total_gib']:>10.3f} "
             f"{'yes' if f['fits'] else 'NO':>5} {_fmt(f['flops'], 1e12, 3):>8} "
             f"{_fmt(f['bytes_accessed'], 1e9, 2):>8} {_fmt(f['optimal_seconds'], 1e-3, 2):>9} "
-            f"{_fmt(rate, 1, 1) + ' ' + unit:>16} {f['compile_seconds']:>10.1f}{per}")
+            f"{_fmt(rate, 1, 1) + ' ' + unit:>16} {f['compile_seconds']:>10.1f}")
         comm = ', '.join(f"{k} x{v['count']} ({v['bytes'] / 1e6:.1f} MB)"
                          for k, v in sorted(f['collectives'].items())) or 'none'
         lines.append(f'         collectives: {comm}')
     lines.append("Figures per device, from libtpu's compiler (no TPU ran them); est. ms is its "
-                 "own estimate ('?': it gave none that is finite and positive).")
+                 "own estimate ('?': it gave none that is finite and positive). The sampler's "
+                 'TFLOP, HBM GB and est. ms are per reverse step of its batch, its rate for the '
+                 'whole batch over all steps.')
     return '\n'.join(lines)
 
 
