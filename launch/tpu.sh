@@ -144,15 +144,19 @@ HOME_PATH_RE='^[A-Za-z0-9_][A-Za-z0-9_./-]*$'
 BUCKET_RE='^[a-z0-9][-_.a-z0-9]{1,61}[a-z0-9]$'  # A bucket's name, without gs://.
 MOUNT_RE='^(/[A-Za-z0-9_][A-Za-z0-9_.-]*)+$'     # Absolute; no . or .. components.
 require DRY_RUN '^[01]$' 1
-require TPU_NAME "$NAME_RE" ddpm-v3-32
-require ZONE '^[a-z]+-[a-z]+[0-9]+-[a-z]$' europe-west4-a
-require PROJECT '^[a-z][-a-z0-9]{4,28}[a-z0-9]$' my-project-123
-require QUEUED '^[01]$' 1
-[[ $QUEUED == 0 ]] || require QUEUED_RESOURCE "$NAME_RE" ddpm-v3-32-qr
+if [[ $cmd != preflight ]]; then  # The preflight runs here and touches no cloud resource.
+    require TPU_NAME "$NAME_RE" ddpm-v3-32
+    require ZONE '^[a-z]+-[a-z]+[0-9]+-[a-z]$' europe-west4-a
+    require PROJECT '^[a-z][-a-z0-9]{4,28}[a-z0-9]$' my-project-123
+    require QUEUED '^[01]$' 1
+    [[ $QUEUED == 0 ]] || require QUEUED_RESOURCE "$NAME_RE" ddpm-v3-32-qr
+fi
 
 require PREFLIGHT '^[01]$' 1
-if [[ $cmd == preflight ]] || { [[ $PREFLIGHT == 1 ]] && [[ $cmd == create || $cmd == train ]]; }
-then
+run_preflight=0
+[[ $cmd != preflight && ! ( $PREFLIGHT == 1 && ( $cmd == create || $cmd == train ) ) ]] \
+    || run_preflight=1
+if ((run_preflight)); then
     require ACCELERATOR_TYPE '^v[0-9]+[a-z]*-[0-9]+$' v3-32
     require CONFIG '^configs/[A-Za-z0-9_]+\.py(:[A-Za-z0-9_]+)?$' configs/cifar10.py
     require LOCAL_PYTHON '^[^[:space:]]+$' python3
@@ -241,7 +245,7 @@ if [[ $DRY_RUN == 0 && $cmd != preflight ]] && ! command -v gcloud >/dev/null; t
 fi
 
 # ---- the commands
-flags=(--zone="$ZONE" --project="$PROJECT")
+flags=(--zone="${ZONE-}" --project="${PROJECT-}")  # Unset only for preflight, which runs no gcloud.
 
 # The ahead-of-time check, here: CONFIG (with the --config.* overrides among the extra args)
 # compiled for ACCELERATOR_TYPE; a config that does not fit stops the script before gcloud runs.
@@ -255,9 +259,7 @@ preflight() {
         || die "preflight: $CONFIG on $ACCELERATOR_TYPE failed (the error above); PREFLIGHT=0" \
             "skips the check"
 }
-if [[ $cmd == preflight ]] || [[ $PREFLIGHT == 1 && ( $cmd == create || $cmd == train ) ]]; then
-    preflight
-fi
+((run_preflight == 0)) || preflight
 repo=\~/$REMOTE_DIR  # On the workers; their shell expands the ~.
 apt='sudo apt-get -o DPkg::Lock::Timeout=600'  # Waits while unattended upgrades run.
 

@@ -670,3 +670,12 @@ def test_worker_reports_a_command_that_cannot_start(worker):
     assert failed.returncode != 0
     assert 'exited at once' in failed.stderr and 'no such venv' in failed.stderr
     assert 'usage' in run('restart').stderr
+
+
+def test_preflight_needs_no_cloud_settings(no_gcloud, tmp_path):
+    """The check runs here before anything exists: TPU_NAME, ZONE and PROJECT may be unset."""
+    program, calls = _fake_python(tmp_path, 0)
+    result = launch(no_gcloud, 'preflight', LOCAL_PYTHON=str(program), TPU_NAME=None, ZONE=None,
+                    PROJECT=None)
+    assert result.returncode == 0, result.stderr
+    assert calls.exists()
