@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import checkpointing
 from diffusion_jax import parallel
 from diffusion_jax import sampling
 from diffusion_jax import train
@@ -183,8 +184,7 @@ def abstract_state(config, model, optimizer, mesh):
                                                   optimizer)
     shapes = jax.eval_shape(init, jax.random.key(0))
     shardings = parallel.state_shardings(shapes, mesh, rules=config.training.param_sharding)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        shapes, shardings), shardings
+    return checkpointing.abstract_with_shardings(shapes, shardings), shardings
 
 
 def compile_sampler_chunk(config, mesh):
