@@ -19,7 +19,11 @@ def get_config():
     config.task = 'diffusion'
 
     config.data = data = ml_collections.ConfigDict()
-    data.name = 'cifar10'  # tfds builder: mnist5k | digits | cifar10 (from the manual archive).
+    # tfds builder: mnist5k | digits | cifar10 (from the manual archive) | folder (data.folder).
+    data.name = 'cifar10'
+    # data.name=folder: a directory of PNG/JPEG/WebP/BMP images, first-level subfolders as the
+    # class labels (diffusion_jax/data/folder.py says how they are resized, cropped and split).
+    data.folder = config_dict.placeholder(str)
     # Where tfds writes array_record files (None: the tfds default, ~/tensorflow_datasets).
     data.data_dir = config_dict.placeholder(str)
     data.manual_dir = config_dict.placeholder(str)  # Where manually downloaded archives are placed.
@@ -157,7 +161,10 @@ def get_config():
     # Inception FID / IS of samples.npz: the FID Inception weights as .npz (convert them with
     # scripts/convert_inception_weights.py) and reference statistics (.npz with mu, sigma).
     evaluation.inception_weights = config_dict.placeholder(str)
+    # Unset: computed once from the training split and cached (evaluation/reference_stats.py).
     evaluation.fid_reference = config_dict.placeholder(str)
+    evaluation.fid_reference_images = 50_000  # Training images in it (all, if fewer).
+    evaluation.fid_cache_dir = config_dict.placeholder(str)  # Default <data_dir>/fid_reference.
     evaluation.inception_batch_size = 100
     evaluation.inception_splits = 10  # IS: mean over this many splits of the samples.
     return config

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from typing import NamedTuple
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import checkpointing
+from diffusion_jax import errors
 from diffusion_jax import parallel
 from diffusion_jax import sampling
 from diffusion_jax import train
@@ -117,7 +117,7 @@ COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'coll
 AOT_SAMPLERS = ('ancestral', 'ddim', 'pc', 'langevin')
 
 
-class DoesNotFit(Exception):
+class DoesNotFit(errors.UserError):
     """The program needs more memory per device than the slice's chips have."""
 
 
@@ -453,8 +453,8 @@ def main(argv):
 
 
 def _fail(message):
-    print(f'error: {message}', file=sys.stderr)
-    raise SystemExit(2)
+    from diffusion_jax import config_cli
+    config_cli.fail(message)
 
 
 def _define_flags():

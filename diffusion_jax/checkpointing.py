@@ -7,6 +7,7 @@ and array name, and the previous step is tried instead. A state with a non-finit
 saved.
 """
 
+import errno
 import json
 import logging
 import os
@@ -20,9 +21,10 @@ import orbax.checkpoint as ocp
 import tensorstore
 
 from diffusion_jax import distributed
+from diffusion_jax import errors
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
     """A checkpoint cannot be used: corrupt, truncated or made for another model."""
 
 
@@ -124,6 +126,54 @@ def save(manager, step, state, data_state, *, force=False):
     return manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         integrity=ocp.args.JsonSave(prints)), force=True)
+
+
+def _caused_by_full_disk(error):
+    """Whether `error`, its causes or (for an exception group) its members are ENOSPC."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if 'No space left on device' in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, *getattr(e, 'exceptions', ())]
+    return False
+
+
+def committed_steps(directory):
+    """The steps whose checkpoint directory was committed (not a `*.orbax-checkpoint-tmp*`)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def disk_full_error(error, manager, *, needed_bytes=None):
+    """A `errors.DiskFullError` for a save that failed for lack of space, else None.
+
+    The half-written step stays until the next start removes it (`make_manager`): orbax's
+    writers of the failed save may still be running, and deleting under them fails them again.
+    """
+    if not _caused_by_full_disk(error):
+        return None
+    directory = str(manager.directory)
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    unfinished = sorted(int(n.split('.')[0]) for n in names
+                        if '.orbax-checkpoint-tmp' in n and n.split('.')[0].isdigit())
+    step = f'step {unfinished[-1]}' if unfinished else 'a step'
+    good = committed_steps(directory)
+    free = shutil.disk_usage(directory).free if os.path.isdir(directory) else None
+    needs = f'; a checkpoint takes about {needed_bytes / 2**20:.1f} MiB' if needed_bytes else ''
+    has = f' ({free / 2**20:.1f} MiB free there{needs})' if free is not None else needs
+    last = (f'the last good checkpoint is step {good[-1]}' if good
+            else 'no checkpoint was saved yet')
+    return errors.DiskFullError(
+        f'no space left on device while saving the checkpoint of {step} to {directory}{has}; '
+        f'{last}. Free some space and run the same command again to resume'
+        f'{f" from step {good[-1]}" if good else ""}.')
 
 
 def restore_latest(manager, abstract_state, *, quarantine_dir=None):
@@ -274,7 +324,8 @@ def load_config(workdir):
     """The config a run saved in `workdir/config.json` (lists back to tuples, as configs use)."""
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
-        raise FileNotFoundError(f'{path} does not exist: is {workdir!r} the workdir of a run?')
+        raise errors.MissingInputError(
+            f'{path} does not exist: is {workdir!r} the workdir of a run?')
     with open(path) as f:
         raw = json.load(f)
 

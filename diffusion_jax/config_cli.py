@@ -1,9 +1,11 @@
 """What every command-line entry point shares: the --config/--workdir flags and their parsing.
 
-`--config` is an ml_collections config file with `--config.a.b=value` overrides; an unknown key or
-a value of the wrong type ends the program with a message naming it, not a traceback.
+`--config` is an ml_collections config file with `--config.a.b=value` overrides. User errors (an
+unknown key or a value of the wrong type, and every `errors.UserError` the program raises) end it
+with one `error: ...` line and exit status 2, not a traceback; bugs keep theirs.
 """
 
+import functools
 import importlib.util
 import logging as py_logging
 import os
@@ -16,6 +18,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from diffusion_jax import allocator
+from diffusion_jax import errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
@@ -31,7 +34,32 @@ def run(main, required=('config', 'workdir')):
     allocator.reexec_with_tunables()
     flags.mark_flags_as_required(list(required))
     _make_configs_importable(sys.argv)
-    app.run(main, flags_parser=parse_flags)
+    app.run(functools.partial(_run_reporting_user_errors, main), flags_parser=parse_flags)
+
+
+TRACEBACK_VARIABLE = 'DIFFUSION_JAX_TRACEBACK'
+
+
+def fail(message):
+    """Ends the program as a user error: one `error: ...` line on stderr, exit status 2."""
+    print('error: ' + ' '.join(str(message).split()), file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _run_reporting_user_errors(main, argv):
+    """`main(argv)`; a `UserError` ends it with one line (DIFFUSION_JAX_TRACEBACK=1: raised)."""
+    try:
+        return main(argv)
+    except errors.UserError as e:
+        if os.environ.get(TRACEBACK_VARIABLE, '') not in ('', '0'):
+            raise
+        if isinstance(e, errors.DiskFullError):
+            # orbax's background writers of the failed save are still running: at a normal
+            # interpreter shutdown each would print a traceback ("Event loop is closed").
+            print('error: ' + ' '.join(str(e).split()), file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
+        fail(e)
 
 
 def setup_logging():
@@ -77,12 +105,12 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as e:  # e.g. a value of the wrong type for its key
-        sys.exit(f'FATAL Flags parsing error: {e}')
+        fail(f'{e} (see --helpfull)')
     except (AttributeError, KeyError):
         message = _unknown_override(argv)
         if message is None:
             raise
-        sys.exit(f'FATAL Flags parsing error: {message}')
+        fail(message)
 
 
 def config_from_file(path):

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import distributed
+from diffusion_jax import errors
 from diffusion_jax import images
 from diffusion_jax import parallel
 from diffusion_jax import sampling
@@ -37,8 +38,9 @@ def load_guides(config):
     if e.mask is not None:
         mask = images.load_images(e.mask, image_size=d.image_size, channels=d.channels)
         if len(mask) not in (1, len(guides)):
-            raise ValueError(f'edit.mask has {len(mask)} images for {len(guides)} guides: give '
-                             'one mask for all or one per guide')
+            raise errors.InputError(
+                f'edit.mask has {len(mask)} images for {len(guides)} guides: give '
+                'one mask for all or one per guide')
         mask = (mask > 0).astype(np.float32)
     return guides.astype(np.float32), mask, originals, original_labels
 

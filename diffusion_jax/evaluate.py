@@ -20,6 +20,7 @@ from diffusion_jax.evaluation import feature_metrics
 from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation import likelihood
 from diffusion_jax.evaluation import ode_likelihood
+from diffusion_jax.evaluation import reference_stats
 
 
 def sample(config, workdir):
@@ -67,8 +68,9 @@ def evaluate(config, workdir):
 def load_test_split(config):
     """The configured dataset's test images (uint8, checked against the config) and labels."""
     test_images, test_labels = distributed.process_zero_first(
-        lambda: data_pipeline.load_split(config.data.name, 'test', data_dir=config.data.data_dir,
-                                         manual_dir=config.data.manual_dir), 'prepare the dataset')
+        lambda: data_pipeline.load_configured_split(config.data, 'test',
+                                                    num_classes=config.model.num_classes),
+        'prepare the dataset')
     data_pipeline.check_images(test_images, image_size=config.data.image_size,
                                channels=config.data.channels)
     return test_images, test_labels
@@ -173,8 +175,8 @@ def _sample_quality(config, workdir):
                      metrics['fd_mnist5k'], metrics['kid_mean'], metrics['kid_std'],
                      metrics['classifier_is'], metrics['num_samples'])
     if config.eval.inception_weights:
-        inception = fid.inception_metrics(samples, config.eval.inception_weights,
-                                          config.eval.fid_reference,
+        reference = config.eval.fid_reference or reference_stats.ensure_reference(config)
+        inception = fid.inception_metrics(samples, config.eval.inception_weights, reference,
                                           batch_size=config.eval.inception_batch_size,
                                           splits=config.eval.inception_splits)
         logging.info('Inception FID %s, IS %.3f ± %.3f (%d samples)',

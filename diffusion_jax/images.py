@@ -6,6 +6,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from diffusion_jax import errors
+
 
 def to_uint8(x):
     """Model space [-1, 1] to uint8 [0, 255] (inverse of x / 127.5 - 1, rounded, clipped)."""
@@ -57,23 +59,33 @@ def save_gif(path, frames, *, scale=1, duration_ms=80, final_hold_ms=1000):
 def load_images(path, *, image_size, channels, padding=2):
     """uint8 images [N, H, W, C] from an .npz (key `images`) or a .png: one image of the
     configured size, or a grid of them as `make_grid` writes it (`padding` pixels around tiles)."""
+    if not os.path.isfile(path):
+        raise errors.MissingInputError(f'{path}: no such file')
     if path.endswith('.npz'):
-        with np.load(path, allow_pickle=False) as f:
+        try:
+            f = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise errors.InputError(f'{path} is not a readable .npz: {e}') from e
+        with f:
             if 'images' not in f:
-                raise ValueError(f'{path} has no `images` array (it has {sorted(f.keys())})')
+                raise errors.InputError(
+                    f'{path} has no `images` array (it has {sorted(f.keys())})')
             loaded = np.asarray(f['images'])
     elif path.endswith('.png'):
-        loaded = _png_tiles(np.asarray(Image.open(path).convert('L' if channels == 1 else 'RGB')),
-                            image_size, padding, path)
+        try:
+            picture = Image.open(path).convert('L' if channels == 1 else 'RGB')
+        except OSError as e:
+            raise errors.InputError(f'{path} is not a readable PNG image: {e}') from e
+        loaded = _png_tiles(np.asarray(picture), image_size, padding, path)
     else:
-        raise ValueError(f'{path}: images must be a .png or an .npz file')
+        raise errors.InputError(f'{path}: images must be a .png or an .npz file')
     if loaded.ndim == 3 and channels == 1:
         loaded = loaded[..., None]
     if loaded.ndim != 4 or loaded.shape[1:] != (image_size, image_size, channels):
-        raise ValueError(f'{path}: expected images of shape [N, {image_size}, {image_size}, '
-                         f'{channels}], got {loaded.shape}')
+        raise errors.InputError(f'{path}: expected images of shape [N, {image_size}, {image_size}, '
+                                f'{channels}], got {loaded.shape}')
     if loaded.dtype != np.uint8:
-        raise ValueError(f'{path}: expected uint8 images, got {loaded.dtype}')
+        raise errors.InputError(f'{path}: expected uint8 images, got {loaded.dtype}')
     return loaded
 
 
@@ -84,8 +96,9 @@ def _png_tiles(image, size, padding, path):
     if (h, w) == (size, size):
         return image[None]
     if (h - padding) % (size + padding) or (w - padding) % (size + padding):
-        raise ValueError(f'{path}: a {h}x{w} image is neither one {size}x{size} image nor a grid '
-                         f'of them with {padding}-pixel padding')
+        raise errors.InputError(
+            f'{path}: a {h}x{w} image is neither one {size}x{size} image nor a grid '
+            f'of them with {padding}-pixel padding')
     rows, cols = (h - padding) // (size + padding), (w - padding) // (size + padding)
     step = size + padding
     return np.stack([image[padding + r * step:padding + r * step + size,

@@ -16,15 +16,17 @@ from diffusion_jax import config_cli
 from diffusion_jax import distributed
 from diffusion_jax import edit
 from diffusion_jax import evaluate
+from diffusion_jax import export
 from diffusion_jax import toy
 from diffusion_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'edit'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'edit', 'export'],
                   'train: train (resuming if possible), then sample; sample: samples from the '
                   "workdir's EMA weights; eval: test bits/dim and rate-distortion (a "
                   'noisy_classifier run: its accuracy by t); edit: SDEdit of edit.guide images '
-                  '(or the stroke demo).')
+                  '(or the stroke demo); export: the EMA weights as a diffusers DDPMPipeline '
+                  'folder, WORKDIR/diffusers.')
 flags.DEFINE_integer(
     'cpu_devices', -1,
     'XLA CPU devices (used only when running on the CPU): -1 picks one per core, reduced to a '
@@ -105,6 +107,8 @@ def main(argv):
         evaluate.sample(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'edit':
         edit.edit(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'export':
+        export.export(FLAGS.config, FLAGS.workdir)
     else:
         evaluate.evaluate(FLAGS.config, FLAGS.workdir)
 

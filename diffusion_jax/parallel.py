@@ -37,6 +37,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffusion_jax import errors
 from diffusion_jax import train_step as train_step_lib
 
 DATA_AXIS = 'data'
@@ -72,21 +73,22 @@ def parse_rules(rules, axis_names=(DATA_AXIS,)):
     parsed = []
     for rule in rules or ():
         if not isinstance(rule, (tuple, list)) or len(rule) != 2:
-            raise ValueError(f'sharding rule {rule!r} is not a (regex, spec) pair')
+            raise errors.ConfigError(f'sharding rule {rule!r} is not a (regex, spec) pair')
         pattern, spec = rule
         try:
             regex = re.compile(pattern)
         except (TypeError, re.error) as e:
-            raise ValueError(f'sharding rule {rule!r}: bad regex: {e}') from None
+            raise errors.ConfigError(f'sharding rule {rule!r}: bad regex: {e}') from None
         if not isinstance(spec, str):
-            raise ValueError(f'sharding rule {rule!r}: the spec must be a string like '
-                             f'{DATA_AXIS!r} or "{DATA_AXIS},None"')
+            raise errors.ConfigError(f'sharding rule {rule!r}: the spec must be a string like '
+                                     f'{DATA_AXIS!r} or "{DATA_AXIS},None"')
         entries = tuple(None if e.strip() in ('', 'None') else e.strip() for e in spec.split(','))
         named = [e for e in entries if e is not None]
         unknown = sorted(set(named) - set(axis_names))
         if unknown or len(named) != len(set(named)):
-            raise ValueError(f'sharding rule {rule!r}: spec entries must be mesh axes '
-                             f'{tuple(axis_names)} (each at most once) or None; got {spec!r}')
+            raise errors.ConfigError(
+                f'sharding rule {rule!r}: spec entries must be mesh axes '
+                f'{tuple(axis_names)} (each at most once) or None; got {spec!r}')
         parsed.append((regex, entries))
     return parsed
 
@@ -141,12 +143,13 @@ def is_replicated(shardings):
 def check_global_batch(global_batch_size, mesh, num_microbatches=1):
     num_devices = mesh.devices.size
     if global_batch_size % num_devices:
-        raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
-                         f'{num_devices} devices of the mesh')
+        raise errors.ConfigError(f'global batch size {global_batch_size} is not divisible by the '
+                                 f'{num_devices} devices of the mesh')
     if num_microbatches < 1 or (global_batch_size // num_devices) % num_microbatches:
-        raise ValueError(f'training.num_microbatches={num_microbatches} does not divide the '
-                         f'{global_batch_size // num_devices} images per device (global batch '
-                         f'{global_batch_size} over {num_devices} devices)')
+        raise errors.ConfigError(
+            f'training.num_microbatches={num_microbatches} does not divide the '
+            f'{global_batch_size // num_devices} images per device (global batch '
+            f'{global_batch_size} over {num_devices} devices)')
 
 
 def make_global_batch(local_batch, mesh):
@@ -210,13 +213,15 @@ def build_train_step(*, loss_fn, optimizer, optim_config, process, mesh, shardin
         over the devices like the batch (`train_step.accumulate_gradients`).
     """
     if mode not in PARALLEL_MODES:
-        raise ValueError(f'Unknown parallel mode {mode!r}; valid: {", ".join(PARALLEL_MODES)}')
+        raise errors.ConfigError(
+            f'Unknown parallel mode {mode!r}; valid: {", ".join(PARALLEL_MODES)}')
     if clip_per_replica and mode != 'shard_map':
-        raise ValueError("clip_per_replica needs training.parallel='shard_map'")
+        raise errors.ConfigError("clip_per_replica needs training.parallel='shard_map'")
     if mode == 'shard_map' and not is_replicated(shardings.params):
-        raise ValueError("sharded parameters (FSDP rules, training.param_sharding) need "
-                         "training.parallel='jit': shard_map takes replicated parameters "
-                         "(parallel.OPTIMIZER_STATE_RULES, which leave them whole, work in both)")
+        raise errors.ConfigError(
+            "sharded parameters (FSDP rules, training.param_sharding) need "
+            "training.parallel='jit': shard_map takes replicated parameters "
+            "(parallel.OPTIMIZER_STATE_RULES, which leave them whole, work in both)")
     if mode == 'jit':
         # Microbatch j is rows j, j + k, ... of the batch: [k, B / k] with the second axis
         # split over the devices keeps every row on the device that holds it.

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax.models import UNet
 from diffusion_jax.models import layers
 
@@ -63,7 +64,7 @@ _VARIANCE_TYPES = {'fixed_small': 'fixedsmall', 'fixed_large': 'fixedlarge',
 _PREDICTION_TYPES = {'epsilon': 'eps', 'sample': 'x0'}
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
     """A diffusers checkpoint that does not describe (or does not fit) the paper's U-Net."""
 
 
@@ -247,7 +248,7 @@ def _diffusers_module(path, num_levels):
     return [top] + [_SUBMODULES.get(name, (name,)) for name in rest]
 
 
-def _candidate_keys(module_path, leaf, num_levels):
+def candidate_keys(module_path, leaf, num_levels):
     """diffusers keys that may hold our parameter (current name first, then the legacy one)."""
     top, *subs = _diffusers_module(module_path, num_levels)
     suffix = 'bias' if leaf == 'bias' else 'weight'
@@ -279,7 +280,7 @@ def convert_state_dict(state_dict, model, image_size, channels):
 
     def fill(path, leaf):
         names = [p.key for p in path]
-        keys = _candidate_keys(names[:-1], names[-1], len(model.ch_mult))
+        keys = candidate_keys(names[:-1], names[-1], len(model.ch_mult))
         key = next((k for k in keys if k in state_dict), None)
         if key is None:
             problems.append(f'missing {keys[0]} (for {"/".join(names)})')

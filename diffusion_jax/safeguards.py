@@ -19,6 +19,8 @@ import threading
 import jax
 import numpy as np
 
+from diffusion_jax import errors
+
 NAN_POLICIES = ('fail', 'skip')
 
 
@@ -27,8 +29,8 @@ class NanGuard:
 
     def __init__(self, policy, max_consecutive_skips):
         if policy not in NAN_POLICIES:
-            raise ValueError(f'Unknown training.nan_policy {policy!r}; valid: '
-                             f'{", ".join(NAN_POLICIES)}')
+            raise errors.ConfigError(f'Unknown training.nan_policy {policy!r}; valid: '
+                                     f'{", ".join(NAN_POLICIES)}')
         self.policy = policy
         self.max_consecutive = max_consecutive_skips
         self.total_skips = 0

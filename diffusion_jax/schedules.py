@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from diffusion_jax import errors
+
 BETA_SCHEDULES = ('linear', 'cosine', 'quad', 'const', 'jsd', 'warmup10', 'warmup50')
 
 
@@ -57,7 +59,7 @@ def get_beta_schedule(name, num_timesteps, *, beta_start=1e-4, beta_end=0.02):
     elif name == 'cosine':
         betas = _cosine_betas(num_timesteps)
     else:
-        raise ValueError(
+        raise errors.ConfigError(
             f'Unknown beta schedule {name!r}; valid names: {", ".join(BETA_SCHEDULES)}')
     assert betas.shape == (num_timesteps,)
     return betas

@@ -4,6 +4,7 @@ Every phase is a helper; `train_and_evaluate` only calls them in order.
 """
 
 import functools
+import json
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from diffusion_jax import checkpointing
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import distributed
+from diffusion_jax import errors
 from diffusion_jax import images
 from diffusion_jax import losses
 from diffusion_jax import parallel
@@ -26,6 +28,7 @@ from diffusion_jax import sampling
 from diffusion_jax import schedules
 from diffusion_jax import sde as sde_lib
 from diffusion_jax import train_state as train_state_lib
+from diffusion_jax.data import folder as data_folder
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.models import NoisyClassifier
 from diffusion_jax.models import UNet
@@ -119,8 +122,9 @@ def make_input_pipeline(config):
     """The training split of the configured dataset as a resumable per-process iterator."""
     data = config.data
     train_images, train_labels = distributed.process_zero_first(
-        lambda: data_pipeline.load_split(data.name, 'train', data_dir=data.data_dir,
-                                         manual_dir=data.manual_dir), 'prepare the dataset')
+        lambda: data_pipeline.load_configured_split(data, 'train',
+                                                    num_classes=config.model.num_classes),
+        'prepare the dataset')
     data_pipeline.check_images(train_images, image_size=data.image_size, channels=data.channels)
     return data_pipeline.InputPipeline(
         train_images, train_labels, global_batch_size=config.training.batch_size,
@@ -177,8 +181,8 @@ def restore_ema_params(config, workdir, mesh):
         config.optim, clip=not config.training.clip_per_replica)
     manager = checkpointing.make_manager(workdir, keep=config.training.keep_checkpoints)
     if manager.latest_step() is None:
-        raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: '
-                                'train first (--mode=train)')
+        raise errors.MissingInputError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: '
+                                       'train first (--mode=train)')
     state, _, _ = init_or_restore_state(config, model, optimizer, mesh, manager)
     manager.close()
     return model, state.ema_params, int(jax.device_get(state.step))
@@ -304,6 +308,16 @@ def write_final_samples(config, workdir, sampler, params, diffusion, mesh):
     return samples
 
 
+def write_class_names(config, workdir):
+    """Saves the folder dataset's label -> subfolder mapping as `WORKDIR/class_names.json`."""
+    data = config.data
+    names = data_folder.folder_config(data.folder, image_size=data.image_size,
+                                      channels=data.channels).class_names
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'class_names.json'), 'w') as f:
+        json.dump({'folder': data.folder, 'labels': dict(enumerate(names))}, f, indent=2)
+
+
 def train_and_evaluate(config, workdir):
     """Trains (resuming from the latest checkpoint in `workdir`), then writes samples."""
     training = config.training
@@ -316,22 +330,32 @@ def train_and_evaluate(config, workdir):
     model = make_model(config)
     safeguards.NanGuard(training.nan_policy, training.max_consecutive_skips)  # Checks the names.
     input_pipeline = make_input_pipeline(config)
+    if config.data.name == 'folder' and jax.process_index() == 0:
+        write_class_names(config, workdir)
     manager = checkpointing.make_manager(workdir, keep=training.keep_checkpoints,
                                          save_interval_steps=training.checkpoint_every)
     try:
-        state, preempted, sampler, writer = _restore_and_train(
-            config, workdir, mesh, diffusion, model, input_pipeline, manager)
-        manager.wait_until_finished()
-        reporting.plot_loss_curve(writer.jsonl_path, os.path.join(workdir, 'loss.png'))
-        if preempted:
-            logging.warning('Preempted: saved step %d; run the same command again to resume',
-                            int(jax.device_get(state.step)))
-        elif is_diffusion and config.sampling.num_samples > 0:
-            write_final_samples(config, workdir, sampler, state.ema_params, diffusion, mesh)
-        writer.close()
-    finally:  # Also on errors: a save already under way completes instead of being cut off.
-        manager.wait_until_finished()
-        manager.close()
+        try:
+            state, preempted, sampler, writer = _restore_and_train(
+                config, workdir, mesh, diffusion, model, input_pipeline, manager)
+            manager.wait_until_finished()
+            reporting.plot_loss_curve(writer.jsonl_path, os.path.join(workdir, 'loss.png'))
+            if preempted:
+                logging.warning('Preempted: saved step %d; run the same command again to '
+                                'resume', int(jax.device_get(state.step)))
+            elif is_diffusion and config.sampling.num_samples > 0:
+                write_final_samples(config, workdir, sampler, state.ema_params, diffusion, mesh)
+            writer.close()
+        finally:  # Also on errors: a save already under way completes instead of being cut off.
+            try:
+                manager.wait_until_finished()
+            finally:
+                manager.close()
+    except Exception as e:  # A full disk is the user's to fix: say so in one line.
+        disk_full = checkpointing.disk_full_error(e, manager)
+        if disk_full is None:
+            raise
+        raise disk_full from e
     return state
 
 
@@ -383,33 +407,35 @@ def _train_loop(config, state, input_pipeline, mesh, manager, writer, step_fn, b
     bar = tqdm(total=training.num_train_steps, initial=start_step, desc='training', unit='step',
                disable=jax.process_index() != 0)
     preempted = False
-    with safeguards.PreemptionWatch() as preemption:
-        for step in range(start_step, training.num_train_steps):
-            if step > start_step:
-                batch = parallel.make_global_batch(input_pipeline.next(), mesh)
-            state, metrics = step_fn(state, batch, base_rng)
-            pending.append(metrics)
-            done = step + 1
-            bar.update(1)
-            preempted = preemption.reached(done, manager)
-            is_last = done == training.num_train_steps or preempted
-            if done % training.log_every == 0 or is_last or manager.should_save(done):
-                pending = jax.device_get(pending)
-                means = nan_guard.check(pending, done - len(pending))
-                elapsed = time.perf_counter() - last_log[1]
-                steps_per_sec = (done - last_log[0]) / max(elapsed, 1e-9)
-                means.update(steps_per_sec=steps_per_sec,
-                             images_per_sec=steps_per_sec * training.batch_size)
-                writer.write_scalars(done, means)
-                if 'loss' in means:
-                    bar.set_postfix(loss=f'{means["loss"]:.4f}')
-                pending, last_log = [], (done, time.perf_counter())
-            checkpointing.save(manager, done, state, input_pipeline.get_state(), force=is_last)
-            if preempted:
-                break
-            if (sample_grid_fn and training.sample_every and done % training.sample_every == 0
-                    and not is_last):
-                sample_grid_fn(done, state.ema_params)
-    bar.close()
+    try:  # The bar ends its line also on errors: a message after it starts on its own.
+        with safeguards.PreemptionWatch() as preemption:
+            for step in range(start_step, training.num_train_steps):
+                if step > start_step:
+                    batch = parallel.make_global_batch(input_pipeline.next(), mesh)
+                state, metrics = step_fn(state, batch, base_rng)
+                pending.append(metrics)
+                done = step + 1
+                bar.update(1)
+                preempted = preemption.reached(done, manager)
+                is_last = done == training.num_train_steps or preempted
+                if done % training.log_every == 0 or is_last or manager.should_save(done):
+                    pending = jax.device_get(pending)
+                    means = nan_guard.check(pending, done - len(pending))
+                    elapsed = time.perf_counter() - last_log[1]
+                    steps_per_sec = (done - last_log[0]) / max(elapsed, 1e-9)
+                    means.update(steps_per_sec=steps_per_sec,
+                                 images_per_sec=steps_per_sec * training.batch_size)
+                    writer.write_scalars(done, means)
+                    if 'loss' in means:
+                        bar.set_postfix(loss=f'{means["loss"]:.4f}')
+                    pending, last_log = [], (done, time.perf_counter())
+                checkpointing.save(manager, done, state, input_pipeline.get_state(), force=is_last)
+                if preempted:
+                    break
+                if (sample_grid_fn and training.sample_every and done % training.sample_every == 0
+                        and not is_last):
+                    sample_grid_fn(done, state.ema_params)
+    finally:
+        bar.close()
     writer.flush()
     return state, preempted

@@ -207,9 +207,10 @@ def python_env(*, num_devices=1, fast_compiles=False, **extra):
     return env
 
 
-def run_python(args, *, num_devices=1, timeout=900, check=True, cwd=ROOT, fast_compiles=False):
-    """Runs `python args...` in a subprocess (environment: `python_env`)."""
-    env = python_env(num_devices=num_devices, fast_compiles=fast_compiles)
+def run_python(args, *, num_devices=1, timeout=900, check=True, cwd=ROOT, fast_compiles=False,
+               env=None):
+    """Runs `python args...` in a subprocess (environment: `python_env`, updated by `env`)."""
+    env = dict(python_env(num_devices=num_devices, fast_compiles=fast_compiles), **(env or {}))
     result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:

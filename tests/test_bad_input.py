@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from conftest import TINY_RUN_STEPS, run_python
@@ -83,19 +84,63 @@ def test_bad_config_names_the_problem_and_keeps_the_run(trained, data_dir, tmp_p
     assert files_of(trained) == before
 
 
-@pytest.mark.parametrize('args,devices,message', [
-    (['--config.training.batch_size=15'], 2,
-     'global batch size 15 is not divisible by the 2 devices'),
-    (['--config.training.nope=1'], 1, "unknown config key 'training.nope'"),
-    (['--config.training.num_train_steps=many'], 1, 'invalid literal for int()'),
-])
-def test_bad_command_line_names_the_problem_and_keeps_the_run(trained, data_dir, args,
-                                                              devices, message):
+def assert_one_error_line(result, message):
+    """Status 2, the last stderr line `error: ...` holding `message`, and no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert lines[-1].startswith('error: ') and message in lines[-1], result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+
+
+def write_files(tmp_path):
+    """Guides that are each wrong in one way."""
+    np.savez(tmp_path / 'wrong_key.npz', pictures=np.zeros((2, 8, 8, 1), np.uint8))
+    np.savez(tmp_path / 'wrong_shape.npz', images=np.zeros((2, 9, 9, 1), np.uint8))
+    (tmp_path / 'not_an_image.png').write_text('plain text')
+
+
+CLI_CASES = {
+    'batch_not_divisible': (['--config.training.batch_size=15'], 2,
+                            'global batch size 15 is not divisible by the 2 devices'),
+    'unknown_key': (['--config.training.nope=1'], 1, "unknown config key 'training.nope'"),
+    'wrong_type': (['--config.training.num_train_steps=many'], 1, 'invalid literal for int()'),
+    'other_model': (['--config.model.ch=16'], 1, 'another model config'),
+    'unknown_sampler': (['--config.sampling.sampler=nope'], 1, "Unknown sampling.sampler 'nope'"),
+    'missing_archive': (['--config.data.name=cifar10', '--config.data.image_size=32',
+                         '--config.data.channels=3', '--config.model.out_ch=3',
+                         '--config.data.manual_dir={tmp}'], 1, 'cifar-10-binary.tar.gz'),
+    'missing_folder': (['--config.data.name=folder', '--config.data.folder={tmp}/nowhere'], 1,
+                       'is not a directory'),
+    'guide_missing': (['--mode=edit', '--config.edit.guide={tmp}/nowhere.png'], 1,
+                      'nowhere.png: no such file'),
+    'guide_not_an_image': (['--mode=edit', '--config.edit.guide={tmp}/not_an_image.png'], 1,
+                           'is not a readable PNG image'),
+    'guide_wrong_key': (['--mode=edit', '--config.edit.guide={tmp}/wrong_key.npz'], 1,
+                        "has no `images` array (it has ['pictures'])"),
+    'guide_wrong_shape': (['--mode=edit', '--config.edit.guide={tmp}/wrong_shape.npz'], 1,
+                          'expected images of shape [N, 8, 8, 1]'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CLI_CASES))
+def test_bad_command_line_gives_one_error_line_and_keeps_the_run(trained, data_dir, tmp_path,
+                                                                 case):
+    args, devices, message = CLI_CASES[case]
+    write_files(tmp_path)
     before = files_of(trained)
     result = run_python(['-m', 'diffusion_jax.main', '--config=configs/tiny.py',
                          f'--workdir={trained}', f'--config.data.data_dir={data_dir}',
-                         f'--config.training.num_train_steps={MORE_STEPS}', *args],
+                         f'--config.training.num_train_steps={MORE_STEPS}',
+                         *[a.format(tmp=tmp_path) for a in args]],
                         num_devices=devices, check=False, timeout=300)
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-3000:]
+    assert_one_error_line(result, message)
     assert files_of(trained) == before
+
+
+def test_the_traceback_variable_shows_a_user_errors_traceback(trained, data_dir):
+    result = run_python(['-m', 'diffusion_jax.main', '--config=configs/tiny.py',
+                         f'--workdir={trained}', f'--config.data.data_dir={data_dir}',
+                         '--config.sampling.sampler=nope'], check=False, timeout=300,
+                        env={'DIFFUSION_JAX_TRACEBACK': '1'})
+    assert result.returncode == 1 and 'Traceback' in result.stderr
+    assert "ConfigError: Unknown sampling.sampler 'nope'" in result.stderr

@@ -342,3 +342,78 @@ def test_eval_mode_inception_metrics_of_samples(fast_compile, random_weights, tm
     assert metrics['inception_score'] == pytest.approx(expected_is, rel=1e-4)
     with pytest.raises(ValueError, match='uint8'):
         fid.inception_metrics(samples[..., 0], weights_path)
+
+
+# ----------------------------------------------------------------------------- reference files
+
+def test_published_reference_layouts_read(tmp_path):
+    """pytorch-fid's published statistics hold `mu` and `sigma` only; guided-diffusion's
+    evaluator batches add the images (`arr_0`) and spatial statistics (`mu_s`, `sigma_s`)."""
+    rng = np.random.default_rng(11)
+    mu, sigma = rng.normal(size=16), _random_spd(rng, 16)
+    np.savez(tmp_path / 'fid_stats_cifar10_train.npz', mu=mu.astype(np.float32),
+             sigma=sigma.astype(np.float32))
+    np.savez(tmp_path / 'VIRTUAL_cifar10.npz',
+             arr_0=rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8), mu=mu, sigma=sigma,
+             mu_s=rng.normal(size=7), sigma_s=_random_spd(rng, 7))
+    for name, rtol in (('fid_stats_cifar10_train.npz', 1e-6), ('VIRTUAL_cifar10.npz', 0)):
+        got_mu, got_sigma = fid.load_reference(tmp_path / name)
+        assert got_mu.dtype == got_sigma.dtype == np.float64
+        np.testing.assert_allclose(got_mu, mu, rtol=rtol, atol=1e-6)
+        np.testing.assert_allclose(got_sigma, sigma, rtol=rtol, atol=1e-6)
+
+
+def test_reference_statistics_of_a_folder_are_computed_once(fast_compile, random_weights,
+                                                            tmp_path, monkeypatch):
+    from configs import folder as folder_config
+    from diffusion_jax.data import folder as folder_lib
+    from diffusion_jax.data import pipeline
+    from diffusion_jax.evaluation import reference_stats
+    from test_folder import write_folder
+    variables, _, weights_path = random_weights
+    root = write_folder(tmp_path / 'images')
+    config = folder_config.get_config()
+    config.data.update(folder=str(root), image_size=8, channels=1,
+                       data_dir=str(tmp_path / 'tfds'))
+    config.eval.update(inception_weights=str(weights_path), fid_reference_images=9,
+                       inception_batch_size=4)
+    path = reference_stats.ensure_reference(config)
+    with np.load(path) as stats:
+        assert int(stats['num_images']) == 9 and str(stats['split']) == 'train'
+        assert str(stats['dataset']).startswith('folder_8px_1ch_')
+    train_images, _ = pipeline.load_split(
+        'folder', 'train', data_dir=config.data.data_dir,
+        builder_config=folder_lib.folder_config(str(root), image_size=8, channels=1))
+    out = jax.jit(inc.InceptionV3().apply)(variables, np.repeat(train_images[:9], 3, axis=-1))
+    pool3 = np.asarray(out['pool3'], np.float64)
+    mu, sigma = fid.load_reference(path)
+    np.testing.assert_allclose(mu, pool3.mean(0), rtol=1e-4, atol=1e-5 * np.abs(pool3).max())
+    np.testing.assert_allclose(sigma, np.cov(pool3, rowvar=False), rtol=1e-3,
+                               atol=1e-4 * np.abs(sigma).max())
+    # Cached: the second call computes nothing.
+    monkeypatch.setattr(fid, 'compute_statistics', lambda *a, **k: pytest.fail('recomputed'))
+    assert reference_stats.ensure_reference(config) == path
+    config.eval.fid_reference_images = 8  # Another N is another file.
+    assert reference_stats.reference_path(config) != path
+
+
+def test_whole_network_matches_a_float64_numpy_forward(fast_compile, random_weights):
+    """Every layer at once: the whole FID Inception (resize, all 94 convolutions, the pools of
+    each block, pool3 and the 1008 logits) against `reference_inception`, a float64 NumPy
+    forward written from the network's description, with the same random weights, on random
+    images of an odd size. (pytorch-fid and torch-fidelity need torchvision, whose PyPI wheel
+    here is a CUDA build that does not load without the CUDA libraries.)"""
+    from reference_inception import Reference
+    variables, state_dict, _ = random_weights
+    images = np.random.default_rng(13).integers(0, 256, size=(2, 37, 45, 3), dtype=np.uint8)
+    expected = Reference(state_dict)(images)
+    got = jax.jit(inc.InceptionV3().apply)(variables, images)
+    for key in ('pool3', 'logits'):
+        ours = np.asarray(got[key], np.float64)
+        error = np.linalg.norm(ours - expected[key]) / np.linalg.norm(expected[key])
+        print(f'{key}: relative error {error:.2e} against the float64 forward, max abs '
+              f'{np.abs(ours - expected[key]).max():.2e} of max {np.abs(expected[key]).max():.2e}')
+        assert error <= 1e-5, key  # Measured: 2.5e-7 (pool3), 4.4e-7 (logits).
+    # Not vacuous: the two images' features differ by far more than the tolerance.
+    assert np.linalg.norm(expected['pool3'][0] - expected['pool3'][1]) > 1e-2 * np.linalg.norm(
+        expected['pool3'][0])

@@ -9,6 +9,7 @@ nothing here because builders are never looked up by name through tfds (`tfds.lo
 
 from diffusion_jax.data.cifar10 import Cifar10Manual
 from diffusion_jax.data.digits import Digits
+from diffusion_jax.data.folder import ImageFolder
 from diffusion_jax.data.mnist5k import Mnist5k
 
 BUILDERS = {
@@ -17,4 +18,6 @@ BUILDERS = {
     "cifar10": Cifar10Manual,
     # The builder's own tfds name (its directory under data_dir) works too.
     "cifar10_manual": Cifar10Manual,
+    # A user's directory of images (data.folder); needs a `folder.folder_config` builder config.
+    "folder": ImageFolder,
 }

@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from diffusion_jax import errors
 from diffusion_jax.data.builder_helpers import image_label_info, labelled_examples
 
 ARCHIVE_NAME = "cifar-10-binary.tar.gz"
@@ -108,12 +109,12 @@ def _manual_archive(dl_manager):
         manual_dir = dl_manager.manual_dir
     except AssertionError as err:
         # tfds asserts when the manual dir is missing or empty; its message names the directory.
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"CIFAR-10 archive not found: {ARCHIVE_NAME} belongs in the manual dir. {err}"
         ) from err
     archive = manual_dir / ARCHIVE_NAME
     if not archive.exists():
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"CIFAR-10 archive not found: expected {archive}."
             f"{Cifar10Manual.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     return archive

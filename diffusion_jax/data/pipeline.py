@@ -10,15 +10,19 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from diffusion_jax import errors
+from diffusion_jax.data import folder as folder_lib
 from diffusion_jax.data.builders import BUILDERS
 
 
-def make_builder(name: str, *, data_dir: str) -> tfds.core.DatasetBuilder:
+def make_builder(name: str, *, data_dir: str,
+                 builder_config: tfds.core.BuilderConfig | None = None) -> tfds.core.DatasetBuilder:
     """Instantiates one of our builders, writing array_record files under `data_dir`.
 
     Args:
-      name: a key of `BUILDERS` ("mnist5k", "digits", "cifar10").
+      name: a key of `BUILDERS` ("mnist5k", "digits", "cifar10", "folder").
       data_dir: tfds data directory.
+      builder_config: the builder's config ("folder" needs `folder.folder_config(...)`).
 
     Returns:
       The (possibly not yet prepared) builder.
@@ -27,12 +31,25 @@ def make_builder(name: str, *, data_dir: str) -> tfds.core.DatasetBuilder:
       ValueError: unknown name; the message lists the valid ones.
     """
     if name not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(BUILDERS)}")
-    return BUILDERS[name](data_dir=data_dir, file_format="array_record")
+        raise errors.ConfigError(f"unknown dataset {name!r}; valid names: {sorted(BUILDERS)}")
+    kwargs = {"config": builder_config} if builder_config is not None else {}
+    return BUILDERS[name](data_dir=data_dir, file_format="array_record", **kwargs)
 
 
-def load_split(name: str, split: str, *, data_dir: str,
-               manual_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_configured_split(data, split: str, *, num_classes: int = 0):
+    """`load_split` for a config's `data` block (the folder dataset takes its options from it)."""
+    builder_config = None
+    if data.name == "folder":
+        builder_config = folder_lib.folder_config(
+            data.get("folder"), image_size=data.image_size, channels=data.channels,
+            num_classes=num_classes)
+    return load_split(data.name, split, data_dir=data.data_dir, manual_dir=data.manual_dir,
+                      builder_config=builder_config)
+
+
+def load_split(name: str, split: str, *, data_dir: str, manual_dir: str | None = None,
+               builder_config: tfds.core.BuilderConfig | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Prepares a dataset if needed and reads one split completely into memory.
 
     Preparing is idempotent: once `data_dir` holds the dataset, it is only read.
@@ -43,11 +60,12 @@ def load_split(name: str, split: str, *, data_dir: str,
       data_dir: tfds data directory.
       manual_dir: where manually placed archives are (CIFAR-10); defaults to
         `<data_dir>/downloads/manual`.
+      builder_config: passed to `make_builder`.
 
     Returns:
       images uint8 [N, H, W, C] and labels int32 [N], in the data source's order.
     """
-    builder = make_builder(name, data_dir=data_dir)
+    builder = make_builder(name, data_dir=data_dir, builder_config=builder_config)
     builder.download_and_prepare(
         file_format="array_record",
         # Never look for a prepared copy on GCS: the machines have no internet, and the probe's
@@ -85,7 +103,7 @@ def check_images(images: np.ndarray, *, image_size: int, channels: int) -> None:
     expected = (image_size, image_size, channels)
     actual = tuple(np.shape(images))[1:]
     if np.ndim(images) != 4 or actual != expected:
-        raise ValueError(
+        raise errors.ConfigError(
             f"dataset images have shape {actual} (array {tuple(np.shape(images))}) but the "
             f"config expects {expected} (image_size={image_size}, channels={channels})")
 
@@ -126,11 +144,12 @@ class InputPipeline:
             raise ValueError(f"{len(images)} images but labels of shape {labels.shape}")
         num_examples = len(images)
         if not 0 < global_batch_size <= num_examples:
-            raise ValueError(f"global_batch_size must be in [1, {num_examples}] (the number of "
-                             f"examples), got {global_batch_size}")
+            raise errors.ConfigError(
+                f"global_batch_size must be in [1, {num_examples}] (the number of "
+                f"examples), got {global_batch_size}")
         if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
-                             f"process_count {process_count}")
+            raise errors.ConfigError(f"global_batch_size {global_batch_size} is not divisible by "
+                                     f"process_count {process_count}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (it seeds np.random.default_rng), got {seed}")
         if not 0 <= process_index < process_count:
@@ -227,8 +246,9 @@ class InputPipeline:
             raise ValueError(f"a pipeline state needs 'next_batch' and 'seed', got {state!r}")
         for key in ("seed", "global_batch_size", "num_examples"):
             if key in state and state[key] != current[key]:
-                raise ValueError(f"cannot resume: the saved state has {key}={state[key]!r} but "
-                                 f"this pipeline has {key}={current[key]!r}")
+                raise errors.ConfigError(
+                    f"cannot resume: the saved state has {key}={state[key]!r} but "
+                    f"this pipeline has {key}={current[key]!r}")
         next_batch = int(state["next_batch"])
         if next_batch < 0:
             raise ValueError(f"next_batch must be >= 0, got {next_batch}")

@@ -9,7 +9,9 @@
   the Inception's `logits_unbiased` (1008 classes) to reproduce the original numbers.
 * `compute_statistics`: pool3 mean / covariance of a set of uint8 NHWC images.
 
-Reference statistics are `.npz` files with `mu` [D] and `sigma` [D, D].
+Reference statistics are `.npz` files with `mu` [D] and `sigma` [D, D] (other keys are ignored:
+pytorch-fid's published files hold only these two, guided-diffusion's reference batches add
+`arr_0`, `mu_s`, `sigma_s`); `reference_stats` makes them for any configured dataset.
 """
 
 import os
@@ -19,6 +21,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 from tqdm import tqdm
+
+from diffusion_jax import errors
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -111,9 +115,18 @@ def compute_inception_score(images, apply_fn, batch_size=250, splits=10, progres
     return inception_score(scipy.special.softmax(logits, axis=-1), splits=splits)
 
 
-def save_statistics(path, mu, sigma):
-    """Writes reference statistics (`mu`, `sigma`) to an `.npz`."""
-    np.savez(os.fspath(path), mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+def save_statistics(path, mu, sigma, **metadata):
+    """Writes reference statistics (`mu`, `sigma`, and scalar `metadata`) to an `.npz`."""
+    np.savez(os.fspath(path), mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+             **{k: np.asarray(v) for k, v in metadata.items()})
+
+
+def as_rgb(images):
+    """uint8 [N, H, W, 1 or 3] as RGB: one-channel images repeated, as is usual for MNIST."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f'images must be uint8 [N, H, W, 1 or 3], got shape {images.shape}')
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def load_reference(path):
@@ -121,15 +134,16 @@ def load_reference(path):
     path = os.fspath(path)
     data = np.load(path, allow_pickle=False)
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f'{path}: expected an .npz with keys "mu" and "sigma"')
+        raise errors.InputError(f'{path}: expected an .npz with keys "mu" and "sigma"')
     with data:
         missing = [k for k in ('mu', 'sigma') if k not in data.files]
         if missing:
-            raise ValueError(f'{path}: reference statistics lack key {missing[0]!r} '
-                             f'(found {sorted(data.files)}); expected "mu" [D], "sigma" [D, D]')
+            raise errors.InputError(
+                f'{path}: reference statistics lack key {missing[0]!r} '
+                f'(found {sorted(data.files)}); expected "mu" [D], "sigma" [D, D]')
         mu, sigma = np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f'{path}: inconsistent shapes mu {mu.shape}, sigma {sigma.shape}')
+        raise errors.InputError(f'{path}: inconsistent shapes mu {mu.shape}, sigma {sigma.shape}')
     return mu, sigma
 
 
@@ -148,11 +162,7 @@ def inception_metrics(images, weights_path, reference_path=None, *, batch_size=2
       dict(inception_score, inception_score_std, num_samples[, fid]).
     """
     from diffusion_jax.evaluation import inception
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f'images must be uint8 [N, H, W, 1 or 3], got shape {images.shape}')
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
+    images = as_rgb(images)
     apply_fn = inception.build_apply_fn(inception.load_params(weights_path))
     acts = compute_activations(images, apply_fn, batch_size, key=('pool3', 'logits_unbiased'),
                                progress=progress)

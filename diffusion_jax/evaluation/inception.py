@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import errors
+
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
 POOL3_DIM = 2048
@@ -306,10 +308,11 @@ def load_params(path):
     except FileNotFoundError:
         raise
     except (ValueError, OSError) as e:
-        raise ValueError(f'{path}: cannot read as an .npz without pickle ({e}); convert the '
-                         '.pth with scripts/convert_inception_weights.py') from e
+        raise errors.InputError(f'{path}: cannot read as an .npz without pickle ({e}); convert the '
+                                '.pth with scripts/convert_inception_weights.py') from e
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f'{path}: a single .npy array, expected an .npz of state-dict arrays')
+        raise errors.InputError(
+            f'{path}: a single .npy array, expected an .npz of state-dict arrays')
     with data:
         return state_dict_to_params(data, source=path)
 

@@ -8,6 +8,7 @@
 """
 
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import errors
 from diffusion_jax import sde as sde_lib
 from diffusion_jax.sampling import ancestral
 from diffusion_jax.sampling import ddim
@@ -24,42 +25,49 @@ def check_sampling_config(sampling_config, process):
     """Fails early (before training) on a sampler setting that would fail after it."""
     name = sampling_config.sampler
     if name not in SAMPLERS:
-        raise ValueError(f'Unknown sampling.sampler {name!r}; valid: {", ".join(SAMPLERS)}')
+        raise errors.ConfigError(f'Unknown sampling.sampler {name!r}; valid: {", ".join(SAMPLERS)}')
     if not isinstance(process, SAMPLERS[name]):
         valid = [s for s, kind in SAMPLERS.items() if isinstance(process, kind)]
-        raise ValueError(f'sampling.sampler={name!r} does not apply to a '
-                         f'{type(process).__name__} process; valid: {", ".join(valid)}')
+        raise errors.ConfigError(f'sampling.sampler={name!r} does not apply to a '
+                                 f'{type(process).__name__} process; valid: {", ".join(valid)}')
     if name == 'ddim':
         if not 0.0 <= sampling_config.eta <= 1.0:
-            raise ValueError(f'sampling.eta must be in [0, 1], got {sampling_config.eta}')
+            raise errors.ConfigError(f'sampling.eta must be in [0, 1], got {sampling_config.eta}')
         ddim.timestep_sequence(process.num_timesteps, sampling_config.num_steps,
                                sampling_config.timestep_spacing)
     if name == 'pc':
         if sampling_config.predictor not in pc.PREDICTORS:
-            raise ValueError(f'Unknown sampling.predictor {sampling_config.predictor!r}; valid: '
-                             f'{", ".join(pc.PREDICTORS)}')
+            raise errors.ConfigError(
+                f'Unknown sampling.predictor {sampling_config.predictor!r}; valid: '
+                f'{", ".join(pc.PREDICTORS)}')
         if sampling_config.corrector not in pc.CORRECTORS:
-            raise ValueError(f'Unknown sampling.corrector {sampling_config.corrector!r}; valid: '
-                             f'{", ".join(pc.CORRECTORS)}')
+            raise errors.ConfigError(
+                f'Unknown sampling.corrector {sampling_config.corrector!r}; valid: '
+                f'{", ".join(pc.CORRECTORS)}')
         if sampling_config.predictor == 'ancestral' and isinstance(process, sde_lib.SubVPSDE):
-            raise ValueError('sampling.predictor=ancestral needs a VP or VE SDE, not sub-VP')
+            raise errors.ConfigError(
+                'sampling.predictor=ancestral needs a VP or VE SDE, not sub-VP')
     if sampling_config.guidance not in guidance.GUIDANCE:
-        raise ValueError(f'Unknown sampling.guidance {sampling_config.guidance!r}; valid: '
-                         f'{", ".join(guidance.GUIDANCE)}')
+        raise errors.ConfigError(f'Unknown sampling.guidance {sampling_config.guidance!r}; valid: '
+                                 f'{", ".join(guidance.GUIDANCE)}')
     if sampling_config.guidance != 'none' and (
             process.output_groups != 1 or getattr(process, 'mean_type', 'eps') != 'eps'):
-        raise ValueError('guidance needs an ε-network with a fixed variance (mean_type eps, '
-                         'var_type fixedlarge or fixedsmall)')
+        raise errors.ConfigError(
+            'guidance needs an ε-network with a fixed variance (mean_type eps, '
+            'var_type fixedlarge or fixedsmall)')
     if sampling_config.guidance == 'classifier':
         if name not in ('ancestral', 'ddim'):
-            raise ValueError(f'classifier guidance runs with sampling.sampler ancestral or ddim, '
-                             f'not {name!r} (classifier-free guidance works with every sampler)')
+            raise errors.ConfigError(
+                f'classifier guidance runs with sampling.sampler ancestral or ddim, '
+                f'not {name!r} (classifier-free guidance works with every sampler)')
         if not sampling_config.classifier_workdir:
-            raise ValueError('sampling.guidance=classifier needs sampling.classifier_workdir: '
-                             'the workdir of a trained configs/*_classifier.py run')
+            raise errors.ConfigError(
+                'sampling.guidance=classifier needs sampling.classifier_workdir: '
+                'the workdir of a trained configs/*_classifier.py run')
     if name == 'ode' and sampling_config.ode_solver not in ode.SOLVERS:
-        raise ValueError(f'Unknown sampling.ode_solver {sampling_config.ode_solver!r}; valid: '
-                         f'{", ".join(ode.SOLVERS)}')
+        raise errors.ConfigError(
+            f'Unknown sampling.ode_solver {sampling_config.ode_solver!r}; valid: '
+            f'{", ".join(ode.SOLVERS)}')
 
 
 def ddim_chunk_size(sampling_config, num_timesteps):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import errors
 from diffusion_jax import sde as sde_lib
 from diffusion_jax.sampling import ancestral
 from diffusion_jax.sampling import pc
@@ -37,7 +38,8 @@ def start_index(process, t0):
       time t_k <= t0 (N - k steps are left), or N when t0 is below every t_k (no steps).
     """
     if not 0.0 <= t0 <= 1.0:
-        raise ValueError(f'edit.t0 must be in [0, 1] (a fraction of the diffusion time), got {t0}')
+        raise errors.ConfigError(
+            f'edit.t0 must be in [0, 1] (a fraction of the diffusion time), got {t0}')
     if isinstance(process, diffusion_lib.Diffusion):
         return int(round(t0 * process.num_timesteps))
     times = np.asarray(jax.device_get(process.timesteps()))
@@ -64,10 +66,10 @@ def sdedit(model_apply, params, process, guide, rng, *, t0, mask=None, repeats=1
       float32 [repeats, B, H, W, C]: the output of each round.
     """
     if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f'edit.repeats must be a positive integer, got {repeats!r}')
+        raise errors.ConfigError(f'edit.repeats must be a positive integer, got {repeats!r}')
     guide = jnp.asarray(guide, jnp.float32)
     if guide.ndim != 4:
-        raise ValueError(f'guide images must have shape [B, H, W, C], got {guide.shape}')
+        raise errors.ConfigError(f'guide images must have shape [B, H, W, C], got {guide.shape}')
     known = None if mask is None else dict(
         image=guide, mask=jnp.broadcast_to(jnp.asarray(mask, jnp.float32), guide.shape))
     s = sampling_config
@@ -76,11 +78,12 @@ def sdedit(model_apply, params, process, guide, rng, *, t0, mask=None, repeats=1
         steps = start_index(process, t0)
     elif isinstance(process, sde_lib.SDE):
         if guidance_fn is not None:
-            raise ValueError('classifier guidance in SDEdit needs a DDPM process')
+            raise errors.ConfigError('classifier guidance in SDEdit needs a DDPM process')
         first = start_index(process, t0)
         steps = process.N - first
     else:
-        raise ValueError(f'SDEdit needs a DDPM or score SDE process, got {type(process).__name__}')
+        raise errors.ConfigError(
+            f'SDEdit needs a DDPM or score SDE process, got {type(process).__name__}')
     outputs, x0 = [], guide
     for k in range(repeats):
         round_rng = jax.random.fold_in(rng, k)
@@ -119,7 +122,7 @@ def blocky_strokes(images, block=4, threshold=0.0):
     images = np.asarray(images, np.float32)
     b, h, w, c = images.shape
     if h % block or w % block:
-        raise ValueError(f'image size {h}x{w} is not divisible by the block size {block}')
+        raise errors.ConfigError(f'image size {h}x{w} is not divisible by the block size {block}')
     tiles = images.reshape(b, h // block, block, w // block, block, c).mean(axis=(2, 4))
     strokes = np.where(tiles > threshold, 1.0, -1.0).astype(np.float32)
     return strokes.repeat(block, axis=1).repeat(block, axis=2)
