@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -108,14 +109,21 @@ def measure(case, rounds, monitor, sides, peer_compile='none'):
     sides = {side: make_workload(case, side, peer_compile) for side in sides}
     first_call = {side: w.prepare() for side, w in sides.items()}
     rates = {side: [] for side in sides}
+    usage = {side: dict(minor_faults=0, system_s=0.0, user_s=0.0, units=0) for side in sides}
     monitor.reset()
     for _ in range(rounds):
         for side, workload in sides.items():
+            before = resource.getrusage(resource.RUSAGE_SELF)  # Every thread of the process.
             start = time.perf_counter()
             for _ in range(calls):
                 workload.run()
             rates[side].append(workload.units * calls / (time.perf_counter() - start))
-    return rates, first_call, monitor.other_cores()
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            usage[side]['minor_faults'] += after.ru_minflt - before.ru_minflt
+            usage[side]['system_s'] += after.ru_stime - before.ru_stime
+            usage[side]['user_s'] += after.ru_utime - before.ru_utime
+            usage[side]['units'] += workload.units * calls
+    return rates, first_call, monitor.other_cores(), usage
 
 
 def peak_memory(case, side, xla_flags):
@@ -126,7 +134,7 @@ def peak_memory(case, side, xla_flags):
     return json.loads(result.stdout.strip().splitlines()[-1])['peak_rss_mib']
 
 
-def summarize(case, rates, first_call, other_cores, gflop_per_unit, ceiling):
+def summarize(case, rates, first_call, other_cores, gflop_per_unit, ceiling, usage=None):
     kind = CASES[case][0]
     from benchmarks import workloads
     config = case_config(case)
@@ -138,6 +146,11 @@ def summarize(case, rates, first_call, other_cores, gflop_per_unit, ceiling):
         out[side] = {'median': median, 'min': min(rates[side]), 'max': max(rates[side]),
                      'first_call_s': first_call[side], 'gflops': median * gflop_per_unit,
                      'fraction_of_matmul_ceiling': median * gflop_per_unit / ceiling}
+        if usage:  # Per unit (image or image-step) over the timed rounds: the allocator's cost.
+            u = usage[side]
+            out[side].update(minor_faults_per_unit=u['minor_faults'] / u['units'],
+                             system_ms_per_unit=1e3 * u['system_s'] / u['units'],
+                             user_ms_per_unit=1e3 * u['user_s'] / u['units'])
     out['ratio'] = out['ours']['median'] / out['peer']['median'] if 'peer' in out else None
     return out
 
@@ -263,8 +276,9 @@ def main():
         kind, config_name = CASES[case][:2]
         gflop = workloads.forward_gflops(load_config(config_name)) * (3 if kind == 'train' else 1)
         rounds = 2 if args.quick else CASES[case][4]
-        rates, first_call, other = measure(case, rounds, monitor, sides, args.peer_compile)
-        summary = summarize(case, rates, first_call, other, gflop, ceiling)
+        rates, first_call, other, usage = measure(case, rounds, monitor, sides,
+                                                  args.peer_compile)
+        summary = summarize(case, rates, first_call, other, gflop, ceiling, usage)
         summary.update(gflop_per_unit=gflop, peer_compile=args.peer_compile,
                        peer_device=None if args.ours_only else workloads.peer_device(),
                        our_devices=str(jax.devices()))
