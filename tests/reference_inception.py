@@ -28,6 +28,12 @@ def bilinear_matrix(n_in, n_out):
     return m
 
 
+def resize_bilinear(images, size):
+    """NHWC images resized to size x size in float64, PyTorch's bilinear (align_corners=False)."""
+    return np.einsum('ah,nhwc,bw->nabc', bilinear_matrix(images.shape[1], size),
+                     images.astype(np.float64), bilinear_matrix(images.shape[2], size))
+
+
 def conv(x, w, stride=1, padding=(0, 0)):
     """NHWC x, OIHW w -> NHWC, zero padding (ph, pw), as a sum over kernel offsets."""
     ph, pw = padding
@@ -122,9 +128,7 @@ class Reference:
 
     def __call__(self, images):
         """uint8 NHWC images -> dict(pool3 [N, 2048], logits [N, 1008]) in float64."""
-        x = np.einsum('ah,nhwc,bw->nabc', bilinear_matrix(images.shape[1], 299),
-                      images.astype(np.float64), bilinear_matrix(images.shape[2], 299))
-        x = x * (2 / 255) - 1
+        x = resize_bilinear(images, 299) * (2 / 255) - 1
         x = self.basic('Conv2d_1a_3x3', x, stride=2)
         x = self.basic('Conv2d_2a_3x3', x)
         x = self.basic('Conv2d_2b_3x3', x, padding=(1, 1))

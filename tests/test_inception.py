@@ -9,6 +9,7 @@ import scipy.special
 
 from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation import inception as inc
+from reference_inception import resize_bilinear
 
 
 # ----------------------------------------------------------------------------- references
@@ -26,26 +27,6 @@ def _reference_fd(mu1, s1, mu2, s2):
     inner = s2_half @ s1 @ s2_half
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
-
-
-def _torch_bilinear_1d(n_in, n_out):
-    """[n_out, n_in] interpolation matrix of PyTorch's bilinear, align_corners=False."""
-    m = np.zeros((n_out, n_in))
-    scale = n_in / n_out
-    for i in range(n_out):
-        src = max((i + 0.5) * scale - 0.5, 0.0)
-        i0 = min(int(np.floor(src)), n_in - 1)
-        i1 = min(i0 + 1, n_in - 1)
-        lam = src - i0
-        m[i, i0] += 1 - lam
-        m[i, i1] += lam
-    return m
-
-
-def _reference_resize(x, size):
-    mh = _torch_bilinear_1d(x.shape[1], size)
-    mw = _torch_bilinear_1d(x.shape[2], size)
-    return np.einsum('ah,nhwc,bw->nabc', mh, x.astype(np.float64), mw)
 
 
 # ----------------------------------------------------------------------------- FID / IS math
@@ -150,7 +131,7 @@ def test_resize_matches_torch_bilinear():
     for h, w, size in [(5, 7, 11), (13, 9, 4)]:  # 32 -> 299: test_network_forward
         x = rng.uniform(0, 255, size=(2, h, w, 3)).astype(np.float32)
         got = np.asarray(inc.resize_bilinear(x, size))
-        np.testing.assert_allclose(got, _reference_resize(x, size), rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(got, resize_bilinear(x, size), rtol=1e-5, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -275,7 +256,7 @@ def test_network_forward(fast_compile, random_weights):
     np.testing.assert_allclose(out['logits'], out['pool3'] @ w.T + b, atol=1e-5 * scale)
 
     # First BasicConv2d against float64 NumPy: resize -> [-1, 1] -> conv 3x3/2 valid -> BN -> relu.
-    x = _reference_resize(images, 299) * (2 / 255) - 1
+    x = resize_bilinear(images, 299) * (2 / 255) - 1
     k = sd['Conv2d_1a_3x3.conv.weight'].astype(np.float64)  # OIHW
     y = np.zeros((2, 149, 149, 32))
     for dy in range(3):
@@ -390,11 +371,40 @@ def test_reference_statistics_of_a_folder_are_computed_once(fast_compile, random
     np.testing.assert_allclose(mu, pool3.mean(0), rtol=1e-4, atol=1e-5 * np.abs(pool3).max())
     np.testing.assert_allclose(sigma, np.cov(pool3, rowvar=False), rtol=1e-3,
                                atol=1e-4 * np.abs(sigma).max())
-    # Cached: the second call computes nothing.
+    # Cached: the second call computes nothing, and --mode=eval's FID uses the cached file.
     monkeypatch.setattr(fid, 'compute_statistics', lambda *a, **k: pytest.fail('recomputed'))
     assert reference_stats.ensure_reference(config) == path
+    from diffusion_jax import evaluate
+    samples = np.random.default_rng(3).integers(0, 256, size=(5, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / 'samples.npz', images=samples)
+    config.eval.inception_splits = 1
+    metrics = evaluate._sample_quality(config, str(tmp_path))
+    out = jax.jit(inc.InceptionV3().apply)(variables, np.repeat(samples, 3, axis=-1))
+    feats = np.asarray(out['pool3'], np.float64)
+    expected = _reference_fd(feats.mean(0), np.cov(feats, rowvar=False), mu, sigma)
+    np.testing.assert_allclose(metrics['fid'], expected, rtol=1e-4)
     config.eval.fid_reference_images = 8  # Another N is another file.
     assert reference_stats.reference_path(config) != path
+
+
+def test_reference_statistics_command_prints_the_cached_file(random_weights, tmp_path):
+    from conftest import run_python
+    from test_folder import write_folder
+    _, _, weights_path = random_weights
+    root = write_folder(tmp_path / 'images')
+    result = run_python(['-m', 'diffusion_jax.evaluation.reference_stats',
+                         '--config=configs/folder.py', f'--config.data.folder={root}',
+                         '--config.data.image_size=8', '--config.data.channels=1',
+                         f'--config.data.data_dir={tmp_path / "tfds"}',
+                         f'--config.eval.inception_weights={weights_path}',
+                         '--config.eval.fid_reference_images=4',
+                         '--config.eval.inception_batch_size=4'], fast_compiles=True)
+    path = result.stdout.strip().splitlines()[-1]
+    assert path.startswith(str(tmp_path / 'tfds' / 'fid_reference')) and path.endswith('.npz')
+    mu, sigma = fid.load_reference(path)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.isfinite(sigma).all()
+    with np.load(path) as stats:
+        assert int(stats['num_images']) == 4
 
 
 def test_whole_network_matches_a_float64_numpy_forward(fast_compile, random_weights):
