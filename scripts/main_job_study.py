@@ -57,8 +57,10 @@ VARIANTS = {
     # Width where the digit's shape is decided: 64 channels at 7x7 instead of 32. (1, 1, 4) costs
     # about what (1, 2, 2) does per step; (1, 2, 4) is ~1.35x slower per training step.
     'ch_mult_114': {'model.ch_mult': '(1,1,4)'},
-    'cosine_lr': {'optim.lr_decay_steps': '2400'},
-    'ch_mult_114_cosine_lr': {'model.ch_mult': '(1,1,4)', 'optim.lr_decay_steps': '2400'},
+    # 'num_train_steps': the decay ends where the run ends, whatever the base config's steps.
+    'cosine_lr': {'optim.lr_decay_steps': 'num_train_steps'},
+    'ch_mult_114_cosine_lr': {'model.ch_mult': '(1,1,4)',
+                              'optim.lr_decay_steps': 'num_train_steps'},
     'ch_mult_114_no_attention': {'model.ch_mult': '(1,1,4)', 'model.attn_resolutions': '()'},
     'ch_mult_124_fewer_steps': {'model.ch_mult': '(1,2,4)', 'training.num_train_steps': '1500'},
     'dropout_0.1': {'model.dropout': '0.1'},
@@ -91,7 +93,8 @@ def variant_overrides(name, base_steps, *, train_fraction=1.0, sampler_steps=0, 
     steps = int(overrides.get('training.num_train_steps', base_steps))
     overrides['training.num_train_steps'] = str(max(1, round(steps * train_fraction)))
     if 'optim.lr_decay_steps' in overrides:  # The decay ends where the scaled run does.
-        decay = int(overrides['optim.lr_decay_steps'])
+        decay = overrides['optim.lr_decay_steps']
+        decay = steps if decay == 'num_train_steps' else int(decay)
         overrides['optim.lr_decay_steps'] = str(max(1, round(decay * train_fraction)))
     if sampler_steps and name not in SAMPLE_ONLY:
         overrides.update({'sampling.sampler': 'ddim', 'sampling.eta': '1.0',

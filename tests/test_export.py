@@ -18,6 +18,7 @@ from diffusion_jax import schedules
 from diffusion_jax import train
 from diffusion_jax.models import UNet
 
+pytestmark = pytest.mark.usefixtures('fast_compiles')  # Compiling dominates; same numbers.
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
