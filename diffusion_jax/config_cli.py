@@ -40,9 +40,15 @@ def run(main, required=('config', 'workdir')):
 TRACEBACK_VARIABLE = 'DIFFUSION_JAX_TRACEBACK'
 
 
-def fail(message):
-    """Ends the program as a user error: one `error: ...` line on stderr, exit status 2."""
+def fail(message, *, at_once=False):
+    """Ends the program as a user error: one `error: ...` line on stderr, exit status 2.
+
+    `at_once`: `os._exit`, skipping the interpreter's shutdown (see the full-disk case below).
+    """
     print('error: ' + ' '.join(str(message).split()), file=sys.stderr, flush=True)
+    if at_once:
+        sys.stdout.flush()
+        os._exit(2)
     raise SystemExit(2)
 
 
@@ -53,13 +59,9 @@ def _run_reporting_user_errors(main, argv):
     except errors.UserError as e:
         if os.environ.get(TRACEBACK_VARIABLE, '') not in ('', '0'):
             raise
-        if isinstance(e, errors.DiskFullError):
-            # orbax's background writers of the failed save are still running: at a normal
-            # interpreter shutdown each would print a traceback ("Event loop is closed").
-            print('error: ' + ' '.join(str(e).split()), file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(2)
-        fail(e)
+        # After a full disk, orbax's background writers of the failed save are still running:
+        # at a normal interpreter shutdown each would print a traceback ("Event loop is closed").
+        fail(e, at_once=isinstance(e, errors.DiskFullError))
 
 
 def setup_logging():

@@ -42,12 +42,12 @@ def dataset_name(config):
     return f'{data.name}_{data.image_size}px'
 
 
-def reference_path(config, split='train'):
+def reference_path(config, split='train', weights_sha256=None):
     """Where `ensure_reference` keeps the statistics for `config`."""
     e = config.eval
     cache = e.get('fid_cache_dir') or os.path.join(config.data.data_dir or DEFAULT_DATA_DIR,
                                                    'fid_reference')
-    weights = file_sha256(os.path.expanduser(e.inception_weights))[:12]
+    weights = (weights_sha256 or file_sha256(os.path.expanduser(e.inception_weights)))[:12]
     name = f'{dataset_name(config)}_{split}_{e.fid_reference_images}_{weights}.npz'
     return os.path.join(os.path.expanduser(cache), name)
 
@@ -57,7 +57,8 @@ def ensure_reference(config, split='train'):
     if not config.eval.inception_weights:
         raise ValueError('reference statistics need the FID Inception weights: set '
                          '--config.eval.inception_weights (scripts/convert_inception_weights.py)')
-    path = reference_path(config, split)
+    weights_sha256 = file_sha256(os.path.expanduser(config.eval.inception_weights))
+    path = reference_path(config, split, weights_sha256)
     if os.path.exists(path):
         logging.info('FID reference statistics: %s (cached)', path)
         return path
@@ -70,7 +71,7 @@ def ensure_reference(config, split='train'):
     partial = path + '.partial.npz'  # Renamed when complete: a cut-off run leaves no bad cache.
     fid.save_statistics(partial, mu, sigma, num_images=len(images),
                         dataset=dataset_name(config), split=split,
-                        inception_weights_sha256=file_sha256(config.eval.inception_weights))
+                        inception_weights_sha256=weights_sha256)
     os.replace(partial, path)
     logging.info('FID reference statistics of %d %s images: %s', len(images), split, path)
     return path
