@@ -7,7 +7,8 @@ Each part runs as its own process and is recorded whatever the others did:
   environment   Python, JAX and its devices, torch and its CUDA, diffusers;
   unit_tier     `pytest -m unit` (small: one module), passed / failed and the time;
   main_job      the README's main command (configs/mnist.py), its wall time and FD-MNIST5k /
-                classifier IS of its 256 samples (small: a few steps and samples, T = 20);
+                classifier IS of its 256 samples (small: a few steps and samples, T = 20,
+                compiled without XLA's optimizations: it checks the plumbing, in seconds);
   benchmarks    our CIFAR-10 train step and sampler against diffusers on the same device, fp32
                 and the bf16 policy, the peer eager and under torch.compile (small: the tiny
                 smoke cases, torch.compile's graph capture without code generation).
@@ -99,7 +100,8 @@ def unit_tier(small):
 def main_job(small, workdir):
     argv = [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/mnist.py',
             f'--workdir={workdir}', *(SMALL_MAIN_JOB if small else ())]
-    part, _ = run_part(argv, timeout=3600)
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='true') if small else None
+    part, _ = run_part(argv, timeout=3600, env=env)
     samples = pathlib.Path(workdir) / 'samples.npz'
     if part['returncode'] == 0 and samples.exists():
         metrics, out = run_part([sys.executable, '-c', SAMPLE_METRICS, str(samples)],

@@ -1,11 +1,15 @@
 """glibc malloc settings for the command-line entry points: keep XLA's per-step buffers mapped.
 
-Why: on the CPU, XLA allocates each execution's temporaries (tens of MB for the main job's step)
-with malloc. Above glibc's mmap threshold (at most 32 MB through mallopt) every such block is a
-fresh mmap, unmapped again at free: the MNIST main job spent a fifth of its CPU time in the
-kernel (10.4 M minor page faults and 23 s of system time in 300 training steps, Intel Xeon with
-AMX, 2026-12-06). With one arena, a 1 GiB mmap threshold and a 16 GiB trim threshold the blocks
-are reused: 0.30 M faults, 1.5 s of system time, the same losses bit for bit (docs/benchmarks.md).
+Why: on the CPU, XLA allocates each execution's temporaries with malloc, as one block per
+execution (tens of MB for the main job's step, about 1 GiB per device for CIFAR-10's). Above
+glibc's mmap threshold (at most 32 MB through mallopt) every such block is a fresh mmap, unmapped
+again at free, so each step faults all its pages in again: the MNIST main job spent a fifth of its
+CPU time in the kernel (10.4 M minor page faults and 23 s of system time in 300 training steps,
+Intel Xeon with AMX, 2026-12-06). With one arena and mmap and trim thresholds above any block a
+CPU program allocates (64 GiB; the tunables, unlike mallopt, take values past 32 MB) the blocks
+come from the heap and are reused: 0.30 M faults, 1.5 s of system time, the same losses bit for
+bit (docs/benchmarks.md). A 1 GiB threshold, the first setting, fixed MNIST but not CIFAR-10,
+whose temporaries block is larger.
 
 glibc reads these tunables only at start-up, so `reexec_with_tunables()` restarts the Python
 process once with GLIBC_TUNABLES set, before JAX is imported. A GLIBC_TUNABLES or LD_PRELOAD the
@@ -17,8 +21,8 @@ import os
 import platform
 import sys
 
-TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1073741824:'
-            'glibc.malloc.trim_threshold=17179869184')
+TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=68719476736:'
+            'glibc.malloc.trim_threshold=68719476736')
 OPT_OUT = 'DIFFUSION_JAX_ALLOCATOR'  # 'default': glibc's own settings.
 
 

@@ -50,9 +50,10 @@ def edit(config, workdir):
     mesh = parallel.make_mesh()
     process = train.make_diffusion(config.diffusion)
     sampling.check_sampling_config(config.sampling, process)
+    # The guides first: a wrong path or shape fails before the checkpoint is read.
+    guides, mask, originals, original_labels = load_guides(config)
     model, params, step = train.restore_ema_params(config, workdir, mesh)
     sampler = train.make_sampler(config, model, process, mesh)
-    guides, mask, originals, original_labels = load_guides(config)
     labels = np.full((len(guides),), -1, np.int32)
     if sampler.num_classes and original_labels is not None:
         labels = np.asarray(original_labels, np.int32)  # The stroke demo: the digit drawn.

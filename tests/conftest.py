@@ -7,6 +7,7 @@ that the end-to-end tests read instead of each training its own.
 is made once is made under a file lock in their common parent."""
 
 import atexit
+import hashlib
 import inspect
 import os
 import pathlib
@@ -195,6 +196,17 @@ def copy_of_trained_tiny(trained_tiny, tmp_path):
     copy = tmp_path / 'trained_tiny'
     shutil.copytree(trained_tiny, copy)
     return copy
+
+
+def file_digests(directory):
+    """{relative path: SHA-256} of every file under `directory` (is a workdir unchanged?)."""
+    digests = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, 'rb') as f:
+                digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
 
 
 def python_env(*, num_devices=1, fast_compiles=False, **extra):

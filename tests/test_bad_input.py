@@ -3,29 +3,17 @@ case runs against the workdir of a trained run (a copy of the suite's shared one
 module), whose files must be byte-for-byte unchanged, and asks for more steps than it holds,
 so anything that got past the check would resume and write."""
 
-import hashlib
-import os
+import json
 import shutil
 
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN_STEPS, run_python
+from conftest import TINY_RUN_STEPS, file_digests, run_python
 from configs import tiny
 from diffusion_jax import checkpointing, train
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
-
-
-def files_of(workdir):
-    """{relative path: sha256} of every file under workdir."""
-    result = {}
-    for root, _, names in os.walk(workdir):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, 'rb') as f:
-                result[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
-    return result
 
 
 MORE_STEPS = TINY_RUN_STEPS + 2
@@ -76,27 +64,19 @@ CASES = {
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_bad_config_names_the_problem_and_keeps_the_run(trained, data_dir, tmp_path, case):
     change, error, message = CASES[case]
-    before = files_of(trained)
+    before = file_digests(trained)
     config = tiny_config(data_dir)
     change(config, tmp_path)
     with pytest.raises(error, match=message):
         train.train_and_evaluate(config, trained)
-    assert files_of(trained) == before
+    assert file_digests(trained) == before
 
 
-def assert_one_error_line(result, message):
-    """Status 2, the last stderr line `error: ...` holding `message`, and no traceback."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert lines[-1].startswith('error: ') and message in lines[-1], result.stderr[-3000:]
-    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-
-
-def write_files(tmp_path):
+def write_files(directory):
     """Guides that are each wrong in one way."""
-    np.savez(tmp_path / 'wrong_key.npz', pictures=np.zeros((2, 8, 8, 1), np.uint8))
-    np.savez(tmp_path / 'wrong_shape.npz', images=np.zeros((2, 9, 9, 1), np.uint8))
-    (tmp_path / 'not_an_image.png').write_text('plain text')
+    np.savez(directory / 'wrong_key.npz', pictures=np.zeros((2, 8, 8, 1), np.uint8))
+    np.savez(directory / 'wrong_shape.npz', images=np.zeros((2, 9, 9, 1), np.uint8))
+    (directory / 'not_an_image.png').write_text('plain text')
 
 
 CLI_CASES = {
@@ -127,27 +107,62 @@ CLI_CASES = {
     'guide_wrong_shape': (['--mode=edit', '--config.edit.guide={tmp}/wrong_shape.npz'], 1,
                           'expected images of shape [N, 8, 8, 1]'),
 }
+TRACEBACK_CASE = 'traceback_variable'
+
+
+@pytest.fixture(scope='module')
+def command_lines(trained, data_dir, tmp_path_factory):
+    """Every CLI case against the trained workdir, and one with DIFFUSION_JAX_TRACEBACK=1: one
+    interpreter forks a child per command line (tests/cli_driver.py; one full start-up each
+    would cost the suite three minutes). {case: (exit status, output, the workdir's file digests
+    after)}, and its digests before."""
+    scratch = tmp_path_factory.mktemp('command_lines')
+    write_files(scratch)
+    common = ['--config=configs/tiny.py', f'--workdir={trained}',
+              f'--config.data.data_dir={data_dir}',
+              f'--config.training.num_train_steps={MORE_STEPS}']
+    cases = {name: {'argv': common + [a.format(tmp=scratch) for a in args],
+                    'num_devices': devices}
+             for name, (args, devices, _) in CLI_CASES.items()}
+    cases[TRACEBACK_CASE] = {'argv': common + ['--config.sampling.sampler=nope'],
+                             'env': {'DIFFUSION_JAX_TRACEBACK': '1'}}
+    (scratch / 'cases.json').write_text(json.dumps({'cases': cases, 'watch': str(trained)}))
+    before = file_digests(trained)
+    run_python(['tests/cli_driver.py', str(scratch / 'cases.json'), str(scratch)], timeout=600)
+    results = json.loads((scratch / 'results.json').read_text())
+    return before, {name: (r['status'], (scratch / f'{name}.out').read_text(), r['files'])
+                    for name, r in results.items()}
 
 
 @pytest.mark.parametrize('case', sorted(CLI_CASES))
-def test_bad_command_line_gives_one_error_line_and_keeps_the_run(trained, data_dir, tmp_path,
-                                                                 case):
-    args, devices, message = CLI_CASES[case]
-    write_files(tmp_path)
-    before = files_of(trained)
+def test_bad_command_line_gives_one_error_line_and_keeps_the_run(command_lines, case):
+    """Status 2, the last output line `error: ...` holding the message, no traceback, and the
+    trained workdir byte for byte as it was."""
+    before, results = command_lines
+    status, output, after = results[case]
+    lines = output.strip().splitlines()
+    assert status == 2, output[-3000:]
+    assert lines[-1].startswith('error: ') and CLI_CASES[case][2] in lines[-1], output[-3000:]
+    assert 'Traceback' not in output, output[-3000:]
+    assert after == before
+
+
+def test_the_traceback_variable_shows_a_user_errors_traceback(command_lines):
+    before, results = command_lines
+    status, output, after = results[TRACEBACK_CASE]
+    assert status == 1 and 'Traceback' in output
+    assert "ConfigError: Unknown sampling.sampler 'nope'" in output
+    assert after == before
+
+
+def test_the_driver_runs_a_command_line_as_python_does(command_lines, trained, data_dir):
+    """tests/cli_driver.py is a faithful stand-in: one case through a real `python -m` gives
+    the same status and the same error line."""
+    args, devices, _ = CLI_CASES['batch_not_divisible']
     result = run_python(['-m', 'diffusion_jax.main', '--config=configs/tiny.py',
                          f'--workdir={trained}', f'--config.data.data_dir={data_dir}',
-                         f'--config.training.num_train_steps={MORE_STEPS}',
-                         *[a.format(tmp=tmp_path) for a in args]],
+                         f'--config.training.num_train_steps={MORE_STEPS}', *args],
                         num_devices=devices, check=False, timeout=300)
-    assert_one_error_line(result, message)
-    assert files_of(trained) == before
-
-
-def test_the_traceback_variable_shows_a_user_errors_traceback(trained, data_dir):
-    result = run_python(['-m', 'diffusion_jax.main', '--config=configs/tiny.py',
-                         f'--workdir={trained}', f'--config.data.data_dir={data_dir}',
-                         '--config.sampling.sampler=nope'], check=False, timeout=300,
-                        env={'DIFFUSION_JAX_TRACEBACK': '1'})
-    assert result.returncode == 1 and 'Traceback' in result.stderr
-    assert "ConfigError: Unknown sampling.sampler 'nope'" in result.stderr
+    status, output, _ = command_lines[1]['batch_not_divisible']
+    assert result.returncode == status == 2
+    assert result.stderr.strip().splitlines()[-1] == output.strip().splitlines()[-1]

@@ -10,22 +10,6 @@ pytest.importorskip('torch')
 pytest.importorskip('diffusers')
 
 
-def test_quick_benchmark_of_the_smoke_cases(tmp_path):
-    out = tmp_path / 'results.json'
-    result = run_python(['-m', 'benchmarks.run', '--quick', '--force',
-                         '--cases=train_tiny_b16,sample_tiny_16x20', f'--json={out}'])
-    results = json.loads(out.read_text())
-    assert [c['case'] for c in results['cases']] == ['train_tiny_b16', 'sample_tiny_16x20']
-    for case in results['cases']:
-        for side in ('ours', 'peer'):
-            assert case[side]['min'] <= case[side]['median'] <= case[side]['max']
-            assert case[side]['median'] > 0 and case[side]['first_call_s'] > 0
-            assert 0 < case[side]['fraction_of_matmul_ceiling'] < 10
-        assert case['ratio'] == pytest.approx(case['ours']['median'] / case['peer']['median'])
-    assert set(results['matmul_gflops']) == {'torch', 'numpy', 'jax'}
-    assert '| train_tiny_b16 | images/s |' in result.stdout
-
-
 def test_unknown_case_is_named():
     result = run_python(['-m', 'benchmarks.run', '--cases=nope'], check=False)
     assert result.returncode != 0 and "unknown case(s) ['nope']" in result.stderr
@@ -59,8 +43,18 @@ def test_gpu_check_runs_small_on_the_cpu(tmp_path):
     assert main_job['returncode'] == 0
     assert main_job['sample_metrics']['num_samples'] == 16
     assert main_job['sample_metrics']['fd_mnist5k'] > 0
+    # Its benchmark part is the harness's quick run of the smoke cases (`benchmarks.run`), both
+    # sides: what the harness reports is checked here rather than in a second run of its own.
     [benchmark] = report['benchmarks'].values()
     assert benchmark['returncode'] == 0, benchmark['stderr_tail']
-    cases = benchmark['results']['cases']
-    assert [c['case'] for c in cases] == ['train_tiny_b16', 'sample_tiny_16x20']
-    assert all(c['peer_compile'] == 'eager' and c['ratio'] > 0 for c in cases)
+    results = benchmark['results']
+    assert [c['case'] for c in results['cases']] == ['train_tiny_b16', 'sample_tiny_16x20']
+    for case in results['cases']:
+        assert case['peer_compile'] == 'eager'
+        for side in ('ours', 'peer'):
+            assert case[side]['min'] <= case[side]['median'] <= case[side]['max']
+            assert case[side]['median'] > 0 and case[side]['first_call_s'] > 0
+            assert 0 < case[side]['fraction_of_matmul_ceiling'] < 10
+        assert case['ratio'] == pytest.approx(case['ours']['median'] / case['peer']['median'])
+    assert set(results['matmul_gflops']) == {'torch', 'numpy', 'jax'}
+    assert '| train_tiny_b16 | images/s |' in benchmark['stdout_tail']

@@ -7,8 +7,7 @@ import json
 import os
 import textwrap
 
-from conftest import TINY_RUN_STEPS, run_python, tiny_run_command
-from test_bad_input import files_of
+from conftest import TINY_RUN_STEPS, file_digests, run_python, tiny_run_command
 
 FAIL_FROM_STEP = TINY_RUN_STEPS + 4
 # Runs the main entry point with orbax's JSON writer failing as a full disk does.
@@ -34,7 +33,7 @@ FULL_DISK_MAIN = textwrap.dedent(f'''
 def test_a_full_disk_stops_with_one_line_and_the_run_resumes(copy_of_trained_tiny, data_dir):
     workdir = copy_of_trained_tiny
     checkpoints = workdir / 'checkpoints'
-    before = {step: files_of(checkpoints / step) for step in os.listdir(checkpoints)}
+    before = {step: file_digests(checkpoints / step) for step in os.listdir(checkpoints)}
     more = TINY_RUN_STEPS + 8
     command = tiny_run_command(workdir, data_dir, f'--config.training.num_train_steps={more}',
                                '--config.training.checkpoint_every=2',
@@ -52,7 +51,7 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes(copy_of_trained_tin
     committed = sorted(int(name) for name in os.listdir(checkpoints) if name.isdigit())
     assert committed[-1] == last_good
     for step, files in before.items():
-        assert files_of(checkpoints / step) == files
+        assert file_digests(checkpoints / step) == files
     # Space again: the same command removes the half-written step, resumes from the last good
     # one and finishes.
     resumed = run_python(command, fast_compiles=True)

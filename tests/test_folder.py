@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_python
+from conftest import file_digests, run_python
 from configs import tiny
 from diffusion_jax import train
 from diffusion_jax.data import folder as folder_lib
 from diffusion_jax.data import pipeline
-from test_bad_input import files_of
 
 RNG = np.random.default_rng(0)
 
@@ -187,11 +186,11 @@ def test_a_bad_folder_names_the_problem_and_keeps_the_run(folder_run, tmp_path, 
     make, message = BAD_FOLDERS[case]
     folder, num_classes = make(tmp_path, folder_run)
     workdir = folder_run['workdir']
-    before = files_of(workdir)
+    before = file_digests(workdir)
     config = tiny.get_config()
     config.data.update(name='folder', folder=str(folder), data_dir=str(tmp_path / 'tfds'))
     config.model.num_classes = num_classes
     config.training.num_train_steps = 8
     with pytest.raises(folder_lib.FolderError, match=message):
         train.train_and_evaluate(config, str(workdir))
-    assert files_of(workdir) == before
+    assert file_digests(workdir) == before
