@@ -3,13 +3,12 @@
     python tests/cli_driver.py CASES.json OUT_DIR
 
 CASES.json: {"cases": {NAME: {"argv": [flags...], "num_devices": N, "env": {...}}},
-"watch": DIR}. The
-driver imports the entry point once (about 4 s of the 6 s a command line takes on 2 cores),
-then runs each case in a forked child, before any JAX backend exists, through the same
-`config_cli.run(main.main)` as `python -m diffusion_jax.main`: flag parsing, the one-line user
-errors and their exit status included. OUT_DIR/NAME.out gets the case's stdout and stderr
-(both file descriptors); OUT_DIR/results.json, per case, the exit status and the SHA-256 of every
-file under DIR after the case (the tests' check that a failed command wrote nothing).
+"watch": DIR}. The driver imports the entry point once (about 4 s of the 6 s a command line
+takes on 2 cores), then runs each case in a forked child, before any JAX backend exists,
+through the same `config_cli.run(main.main)` as `python -m diffusion_jax.main`: flag parsing,
+the one-line user errors and their exit status included. OUT_DIR/NAME.out gets the case's
+stdout and stderr (both file descriptors); OUT_DIR/results.json, per case, the exit status and
+the SHA-256 of every file under DIR after the case (did a failed command write anything?).
 """
 
 import json
