@@ -11,6 +11,11 @@ come from the heap and are reused: 0.30 M faults, 1.5 s of system time, the same
 bit (docs/benchmarks.md). A 1 GiB threshold, the first setting, fixed MNIST but not CIFAR-10,
 whose temporaries block is larger.
 
+The cost (measured after, docs/benchmarks.md): one arena is one malloc lock for every thread,
+and on a 2-vCPU Intel Xeon the harness ran the MNIST train step at 0.82-0.86x and its 16-image
+sampler at 0.42x of glibc's defaults under these settings; `glibc.malloc.hugetlb=1` measured
+faster than both there and is the candidate to replace them (issue 30).
+
 glibc reads these tunables only at start-up, so `reexec_with_tunables()` restarts the Python
 process once with GLIBC_TUNABLES set, before JAX is imported. A GLIBC_TUNABLES or LD_PRELOAD the
 user set wins (and so does DIFFUSION_JAX_ALLOCATOR=default); elsewhere than Linux with glibc it
