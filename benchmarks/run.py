@@ -302,5 +302,5 @@ def main():
 
 if __name__ == '__main__':
     from diffusion_jax import allocator
-    allocator.reexec_with_tunables()  # As the CLI runs; DIFFUSION_JAX_ALLOCATOR=default: without.
+    allocator.reexec_with_allocator()  # As the CLI runs; DIFFUSION_JAX_ALLOCATOR=default: without.
     main()

@@ -1,65 +1,114 @@
-"""glibc malloc settings for the command-line entry points: keep XLA's per-step buffers mapped.
+"""The malloc the command-line entry points run with: one that keeps XLA's per-step blocks.
 
 Why: on the CPU, XLA allocates each execution's temporaries with malloc, as one block per
-execution (tens of MB for the main job's step, about 1 GiB per device for CIFAR-10's). Above
-glibc's mmap threshold (at most 32 MB through mallopt) every such block is a fresh mmap, unmapped
-again at free, so each step faults all its pages in again: the MNIST main job spent a fifth of its
-CPU time in the kernel (10.4 M minor page faults and 23 s of system time in 300 training steps,
-Intel Xeon with AMX, 2026-12-06). With one arena and mmap and trim thresholds above any block a
-CPU program allocates (64 GiB; the tunables, unlike mallopt, take values past 32 MB) the blocks
-come from the heap and are reused: 0.30 M faults, 1.5 s of system time, the same losses bit for
-bit (docs/benchmarks.md). A 1 GiB threshold, the first setting, fixed MNIST but not CIFAR-10,
-whose temporaries block is larger.
+execution and device (tens of MB for the main job's step, about 1 GiB per device for
+CIFAR-10's). glibc serves blocks that large with a fresh mmap, unmapped again at free, so every
+step faults all its pages in again and the kernel zeroes them: the MNIST main job spent a fifth
+of its CPU time in the kernel (81.6 M minor page faults in 2,400 steps, AMD EPYC, 2026-12-06).
+glibc's tunables cannot keep such a block in a per-thread arena (a per-thread heap holds at
+most 64 MiB); only one arena for all threads can, and its one lock cost more than the faults on
+an Intel Xeon (docs/benchmarks.md).
 
-The cost (measured after, docs/benchmarks.md): one arena is one malloc lock for every thread,
-and on a 2-vCPU Intel Xeon the harness ran the MNIST train step at 0.82-0.86x and its 16-image
-sampler at 0.42x of glibc's defaults under these settings; `glibc.malloc.hugetlb=1` measured
-faster than both there and is the candidate to replace them (issue 30).
+So, where the `tbb` wheel is installed (Linux x86_64: a dependency there), the entry points run
+under oneTBB's scalable allocator (`libtbbmalloc_proxy` preloaded in place of malloc): per-thread
+caches, and with TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD at 8 MiB every larger block is kept for
+reuse instead of going back to the kernel. Measured on a 2-vCPU Intel Xeon (docs/benchmarks.md):
+the main job's train step 1.3x as fast as under glibc's defaults, its faults 1,056 -> 6 per
+image, system time 1.8 -> 0.15 ms per image. Elsewhere on glibc, `glibc.malloc.hugetlb=1`
+(transparent huge pages for malloc's mappings: 33x fewer faults, the train step 1.1-1.2x on the
+same machine); without glibc, nothing.
 
-glibc reads these tunables only at start-up, so `reexec_with_tunables()` restarts the Python
-process once with GLIBC_TUNABLES set, before JAX is imported. A GLIBC_TUNABLES or LD_PRELOAD the
-user set wins (and so does DIFFUSION_JAX_ALLOCATOR=default); elsewhere than Linux with glibc it
-does nothing.
+Settings are read when a process starts, so `reexec_with_allocator()` restarts the Python
+process once with them, before JAX is imported. A GLIBC_TUNABLES or LD_PRELOAD the user set
+wins, and so does DIFFUSION_JAX_ALLOCATOR=default (glibc's own malloc). For a process that cannot
+restart itself (a Jupyter kernel), start it under the settings:
+
+    python -m diffusion_jax.allocator jupyter lab
 """
 
+import importlib.metadata
 import os
+import pathlib
 import platform
 import sys
 
-TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=68719476736:'
-            'glibc.malloc.trim_threshold=68719476736')
-OPT_OUT = 'DIFFUSION_JAX_ALLOCATOR'  # 'default': glibc's own settings.
+TBB_LIBRARIES = ('libtbbmalloc.so.2', 'libtbbmalloc_proxy.so.2')  # The proxy needs the first.
+# Blocks at least this large are cached without the periodic clean-up (oneTBB's smallest value).
+TBB_HUGE_THRESHOLD = str(8 << 20)
+GLIBC_FALLBACK = 'glibc.malloc.hugetlb=1'
+OPT_OUT = 'DIFFUSION_JAX_ALLOCATOR'  # 'default': glibc's own malloc.
 
 
 def _is_glibc_linux():
     return sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
 
 
-def reexec_with_tunables():
-    """Replaces this process by the same command with GLIBC_TUNABLES=TUNABLES, when needed.
+def _tbbmalloc_paths():
+    """The two tbbmalloc libraries of the installed `tbb` wheel, or None."""
+    try:
+        files = importlib.metadata.files('tbb') or ()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = {f.name: pathlib.Path(f.locate()).resolve() for f in files if f.name in TBB_LIBRARIES}
+    paths = [str(found[name]) for name in TBB_LIBRARIES if name in found and found[name].is_file()]
+    # LD_PRELOAD separates its entries with spaces and colons.
+    if len(paths) < len(TBB_LIBRARIES) or any(c in p for p in paths for c in ' :'):
+        return None
+    return paths
 
-    Call first thing in a `__main__` block. Returns (doing nothing) if the tunables are set
-    already, the user set their own allocator settings, or the platform has no glibc.
+
+def settings():
+    """The environment variables this module runs processes with ({} where it sets none)."""
+    if not _is_glibc_linux():
+        return {}
+    paths = _tbbmalloc_paths()
+    if paths:
+        return {'LD_PRELOAD': ':'.join(paths),
+                'TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD': TBB_HUGE_THRESHOLD}
+    return {'GLIBC_TUNABLES': GLIBC_FALLBACK}
+
+
+def _needs_settings():
+    return not ('GLIBC_TUNABLES' in os.environ or 'LD_PRELOAD' in os.environ
+                or os.environ.get(OPT_OUT) == 'default')
+
+
+def reexec_with_allocator():
+    """Replaces this process by the same command under `settings()`, when needed.
+
+    Call first thing in a `__main__` block. Returns (doing nothing) if the settings are in place
+    already, the user set their own allocator settings, or there are none for this platform.
     """
-    if (not _is_glibc_linux() or 'GLIBC_TUNABLES' in os.environ or 'LD_PRELOAD' in os.environ
-            or os.environ.get(OPT_OUT) == 'default'):
-        return
+    changes = settings() if _needs_settings() else {}
     argv = getattr(sys, 'orig_argv', None)
-    if not argv:  # An embedded interpreter: no command to run again.
+    if not changes or not argv:  # No argv: an embedded interpreter, no command to run again.
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv[1:]],
-              dict(os.environ, GLIBC_TUNABLES=TUNABLES))
+    os.execve(sys.executable, [sys.executable, *argv[1:]], {**changes, **os.environ})
 
 
 def describe():
     """What this process allocates with, for the log."""
-    if 'LD_PRELOAD' in os.environ:
-        return f'LD_PRELOAD={os.environ["LD_PRELOAD"]}'
-    if 'GLIBC_TUNABLES' in os.environ:
-        source = 'diffusion_jax' if os.environ['GLIBC_TUNABLES'] == TUNABLES else 'the user'
-        return f'GLIBC_TUNABLES={os.environ["GLIBC_TUNABLES"]} (set by {source})'
+    ours = settings()
+    for key in ('LD_PRELOAD', 'GLIBC_TUNABLES'):
+        if key in os.environ:
+            source = 'diffusion_jax' if os.environ[key] == ours.get(key) else 'the user'
+            name = 'tbbmalloc, ' if 'tbbmalloc_proxy' in os.environ[key] else ''
+            return f'{name}{key}={os.environ[key]} (set by {source})'
     if not _is_glibc_linux():
         return 'the platform default (no glibc)'
     return 'glibc defaults'
+
+
+def main(argv):
+    """`python -m diffusion_jax.allocator COMMAND [ARGS...]`: runs COMMAND under the settings."""
+    if len(argv) < 2:
+        sys.exit(f'usage: python -m diffusion_jax.allocator COMMAND [ARGS...]\n'
+                 f'allocator settings here: {settings() or "none"}')
+    changes = settings() if _needs_settings() else {}
+    os.execvpe(argv[1], argv[1:], {**changes, **os.environ})
+
+
+if __name__ == '__main__':
+    main(sys.argv)

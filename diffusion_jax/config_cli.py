@@ -28,10 +28,11 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, event files and samples go he
 def run(main, required=('config', 'workdir')):
     """`app.run(main)` with the config helpers: call it under `if __name__ == '__main__'`.
 
-    First the process restarts itself once with the allocator settings of `allocator` (glibc
-    reads them only at start-up), so every command-line entry point runs with them.
+    First the process restarts itself once under the malloc of `allocator` (the dynamic loader
+    and glibc read those settings only at start-up), so every command-line entry point runs
+    with it.
     """
-    allocator.reexec_with_tunables()
+    allocator.reexec_with_allocator()
     flags.mark_flags_as_required(list(required))
     _make_configs_importable(sys.argv)
     app.run(functools.partial(_run_reporting_user_errors, main), flags_parser=parse_flags)

@@ -35,12 +35,12 @@ _compilation_cache_for_this_run()
 # The suite runs on the CPU. The test extra installs libtpu (tests/test_aot.py compiles for TPU
 # slices through it), and JAX would otherwise also try to start a TPU backend in every process.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# The command-line entry points restart themselves with these (diffusion_jax/allocator.py); set
-# here, every process of the suite (CLIs, scripts, notebook kernels) starts with them at once.
-# tests/test_main.py checks the restart without them.
-if 'LD_PRELOAD' not in os.environ:
+# The command-line entry points restart themselves under these allocator settings
+# (diffusion_jax/allocator.py); set here, every process of the suite (CLIs, scripts, notebook
+# kernels) starts with them at once. tests/test_main.py checks the restart without them.
+if 'LD_PRELOAD' not in os.environ and 'GLIBC_TUNABLES' not in os.environ:
     from diffusion_jax import allocator  # noqa: E402
-    os.environ.setdefault('GLIBC_TUNABLES', allocator.TUNABLES)
+    os.environ.update(allocator.settings())
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402
