@@ -1,5 +1,5 @@
 """The allocator A/B: the harness under glibc's default malloc and under
-`diffusion_jax.allocator`'s settings, at both sizes (MNIST and CIFAR-10 U-Nets), training and
+`diffusion_jax.allocator`'s malloc, at both sizes (MNIST and CIFAR-10 U-Nets), training and
 sampling, ours and diffusers side by side; the table goes to docs/benchmarks.md.
 
     python -m benchmarks.allocator_ab [--pairs=2]   # about 15 minutes a pair on 2 cores; idle
@@ -8,7 +8,7 @@ Pair by pair: each pair runs the harness once under each setting, the first pair
 first, the next the other way round, so a machine that slows or speeds up during the run
 weighs on both settings alike; each setting's rate is the median over its runs, and the table
 gives the allocator's speed-up in every pair. Each run is one `python -m benchmarks.run`
-process (`DIFFUSION_JAX_ALLOCATOR=default` for the default), so glibc reads its settings at
+process (`DIFFUSION_JAX_ALLOCATOR=default` for the default), so the loader reads the settings at
 start-up as in a user's run. Per side: throughput, minor page faults and system time per unit
 (image or image-step, from getrusage around that side's timed rounds, the first of which
 holds any one-time growth of the heap), and the peak RSS of a child process.
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 
+from diffusion_jax import allocator
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASES = ('train_mnist_b32', 'train_cifar10_b32', 'sample_mnist_16x1000', 'sample_cifar10_16x20')
 SETTINGS = {'glibc default': {'DIFFUSION_JAX_ALLOCATOR': 'default'},
@@ -31,7 +33,8 @@ START, END = '<!-- allocator_ab:start -->', '<!-- allocator_ab:end -->'
 
 
 def run_harness(extra_env, json_path):
-    env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', *allocator.settings())}
     env.update(extra_env)
     subprocess.run([sys.executable, '-m', 'benchmarks.run', f'--cases={",".join(CASES)}',
                     f'--json={json_path}'], cwd=ROOT, env=env, check=True)
@@ -81,7 +84,8 @@ def main():
             runs.append((name, run_harness(SETTINGS[name], os.path.join(tmp, f'{i}.json'))))
     header = (f'Run {runs[0][1]["date"]} to {runs[-1][1]["date"]} on {runs[0][1]["machine"]}; '
               f'{args.pairs} pairs, in the order {", ".join(order)}. Other processes: at most '
-              f'{max(run["other_cores_max"] for _, run in runs):.2f} cores.')
+              f'{max(run["other_cores_max"] for _, run in runs):.2f} cores. '
+              f'diffusion_jax.allocator: {allocator.settings() or "nothing to set here"}.')
     text = f'{header}\n\n{table(runs)}'
     print(text)
     page = ROOT / 'docs' / 'benchmarks.md'

@@ -6,10 +6,10 @@ Sized for at most 15 minutes on 2 CPU cores, install included, leaving a third o
 20 for slower machine states (docs/main_job.md has the timings); about 4 of them are the 256
 samples of 1000 ancestral steps, so the network is small. Batch 32 stays the best measured
 trade-off between updates and noise per update; 5,000 steps spend the time that tbbmalloc
-(issue 30: the train step 1.5x as fast as under the first allocator settings) and the faster
-GroupNorm won back. The paper's optimizer settings are kept except
-a larger learning rate with a short warm-up and an EMA that warms up: with a few thousand
-steps a plain 0.9999 EMA would still be mostly the initial weights.
+(issue 30: the train step 1.55x as fast as under the first allocator settings) and the faster
+GroupNorm won back. The paper's optimizer settings are kept except a larger learning rate with
+a short warm-up and an EMA that warms up: with a few thousand steps a plain 0.9999 EMA would
+still be mostly the initial weights.
 """
 
 from configs import default

@@ -16,7 +16,9 @@ reuse instead of going back to the kernel. Measured on a 2-vCPU Intel Xeon (docs
 the main job's train step 1.3x as fast as under glibc's defaults, its faults 1,056 -> 6 per
 image, system time 1.8 -> 0.15 ms per image. Elsewhere on glibc, `glibc.malloc.hugetlb=1`
 (transparent huge pages for malloc's mappings: 33x fewer faults, the train step 1.1-1.2x on the
-same machine); without glibc, nothing.
+same machine); without glibc, nothing. On a machine with an accelerator JAX would use (a GPU or
+TPU device file, unless JAX_PLATFORMS starts with cpu) nothing is set either: the step's buffers
+live on the device there, and no other malloc has been tested with libtpu or CUDA.
 
 Settings are read when a process starts, so `reexec_with_allocator()` restarts the Python
 process once with them, before JAX is imported. A GLIBC_TUNABLES or LD_PRELOAD the user set
@@ -26,6 +28,7 @@ restart itself (a Jupyter kernel), start it under the settings:
     python -m diffusion_jax.allocator jupyter lab
 """
 
+import glob
 import importlib.metadata
 import os
 import pathlib
@@ -37,10 +40,20 @@ TBB_LIBRARIES = ('libtbbmalloc.so.2', 'libtbbmalloc_proxy.so.2')  # The proxy ne
 TBB_HUGE_THRESHOLD = str(8 << 20)
 GLIBC_FALLBACK = 'glibc.malloc.hugetlb=1'
 OPT_OUT = 'DIFFUSION_JAX_ALLOCATOR'  # 'default': glibc's own malloc.
+# NVIDIA and AMD GPUs; TPUs (v2-v3 as accel, v4 and later through VFIO).
+ACCELERATOR_DEVICE_FILES = ('/dev/nvidia[0-9]*', '/dev/kfd', '/dev/accel[0-9]*', '/dev/vfio/[0-9]*')
 
 
 def _is_glibc_linux():
     return sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
+
+
+def _runs_on_the_cpu():
+    """Whether JAX would run on the CPU here: JAX_PLATFORMS says so, or no accelerator is seen."""
+    platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+    if platforms:
+        return platforms.split(',')[0].strip() == 'cpu'
+    return not any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
 
 
 def _tbbmalloc_paths():
@@ -59,7 +72,7 @@ def _tbbmalloc_paths():
 
 def settings():
     """The environment variables this module runs processes with ({} where it sets none)."""
-    if not _is_glibc_linux():
+    if not (_is_glibc_linux() and _runs_on_the_cpu()):
         return {}
     paths = _tbbmalloc_paths()
     if paths:
@@ -98,6 +111,8 @@ def describe():
             return f'{name}{key}={os.environ[key]} (set by {source})'
     if not _is_glibc_linux():
         return 'the platform default (no glibc)'
+    if not _runs_on_the_cpu():
+        return 'glibc defaults (an accelerator runs the program)'
     return 'glibc defaults'
 
 

@@ -84,6 +84,29 @@ def test_the_allocator_runs_a_command_under_its_settings():
     assert result.stdout.strip() == 'True', result.stderr
 
 
+def test_the_allocator_is_for_cpu_runs_with_glibc_and_falls_back_without_tbb(
+        monkeypatch, tmp_path):
+    monkeypatch.setattr(allocator, '_is_glibc_linux', lambda: True)
+    monkeypatch.setattr(allocator, '_tbbmalloc_paths', lambda: ['/x/libtbbmalloc.so.2',
+                                                                '/x/libtbbmalloc_proxy.so.2'])
+    monkeypatch.setattr(allocator, 'ACCELERATOR_DEVICE_FILES', (str(tmp_path / 'nvidia[0-9]*'),))
+    monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+    assert allocator.settings() == {
+        'LD_PRELOAD': '/x/libtbbmalloc.so.2:/x/libtbbmalloc_proxy.so.2',
+        'TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD': str(8 << 20)}
+    (tmp_path / 'nvidia0').touch()  # A GPU: its program's buffers are not malloc's.
+    assert allocator.settings() == {}
+    monkeypatch.setenv('JAX_PLATFORMS', 'cpu')  # ... unless JAX is told to run on the CPU.
+    assert 'LD_PRELOAD' in allocator.settings()
+    monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')
+    assert allocator.settings() == {}
+    monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+    monkeypatch.setattr(allocator, '_tbbmalloc_paths', lambda: None)  # No tbb wheel here.
+    assert allocator.settings() == {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+    monkeypatch.setattr(allocator, '_is_glibc_linux', lambda: False)
+    assert allocator.settings() == {}
+
+
 # Freed and allocated again three times; the pages faulted in on the 2nd and 3rd allocation.
 _REFAULTS = '''
 import ctypes, resource
