@@ -81,9 +81,12 @@ def settings():
     return {'GLIBC_TUNABLES': GLIBC_FALLBACK}
 
 
-def _needs_settings():
-    return not ('GLIBC_TUNABLES' in os.environ or 'LD_PRELOAD' in os.environ
-                or os.environ.get(OPT_OUT) == 'default')
+def _changes():
+    """`settings()`, or nothing where the user chose a malloc (their own, or glibc's)."""
+    if ('GLIBC_TUNABLES' in os.environ or 'LD_PRELOAD' in os.environ
+            or os.environ.get(OPT_OUT) == 'default'):
+        return {}
+    return settings()
 
 
 def reexec_with_allocator():
@@ -92,7 +95,7 @@ def reexec_with_allocator():
     Call first thing in a `__main__` block. Returns (doing nothing) if the settings are in place
     already, the user set their own allocator settings, or there are none for this platform.
     """
-    changes = settings() if _needs_settings() else {}
+    changes = _changes()
     argv = getattr(sys, 'orig_argv', None)
     if not changes or not argv:  # No argv: an embedded interpreter, no command to run again.
         return
@@ -121,8 +124,10 @@ def main(argv):
     if len(argv) < 2:
         sys.exit(f'usage: python -m diffusion_jax.allocator COMMAND [ARGS...]\n'
                  f'allocator settings here: {settings() or "none"}')
-    changes = settings() if _needs_settings() else {}
-    os.execvpe(argv[1], argv[1:], {**changes, **os.environ})
+    try:
+        os.execvpe(argv[1], argv[1:], {**_changes(), **os.environ})
+    except OSError as error:
+        sys.exit(f'error: cannot run {argv[1]!r}: {error.strerror}')
 
 
 if __name__ == '__main__':

@@ -82,6 +82,10 @@ def test_the_allocator_runs_a_command_under_its_settings():
     result = subprocess.run([sys.executable, '-m', 'diffusion_jax.allocator', sys.executable,
                              '-c', code], env=env, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == 'True', result.stderr
+    result = subprocess.run([sys.executable, '-m', 'diffusion_jax.allocator', 'no-such-command'],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: cannot run 'no-such-command': No such file or directory"
 
 
 def test_the_allocator_is_for_cpu_runs_with_glibc_and_falls_back_without_tbb(
