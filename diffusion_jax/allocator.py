@@ -13,12 +13,13 @@ So, where the `tbb` wheel is installed (Linux x86_64: a dependency there), the e
 under oneTBB's scalable allocator (`libtbbmalloc_proxy` preloaded in place of malloc): per-thread
 caches, and with TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD at 8 MiB every larger block is kept for
 reuse instead of going back to the kernel. Measured on a 2-vCPU Intel Xeon (docs/benchmarks.md):
-the main job's train step 1.3x as fast as under glibc's defaults, its faults 1,056 -> 6 per
-image, system time 1.8 -> 0.15 ms per image. Elsewhere on glibc, `glibc.malloc.hugetlb=1`
-(transparent huge pages for malloc's mappings: 33x fewer faults, the train step 1.1-1.2x on the
-same machine); without glibc, nothing. On a machine with an accelerator JAX would use (a GPU or
-TPU device file, unless JAX_PLATFORMS starts with cpu) nothing is set either: the step's buffers
-live on the device there, and no other malloc has been tested with libtpu or CUDA.
+the main job's train step 1.05-1.3x as fast as under glibc's defaults, its faults 1,055 -> 6-27
+per image, system time 1.8 -> 0.15-0.21 ms per image; sampling 2-11% slower. Elsewhere on
+glibc, `glibc.malloc.hugetlb=1` (transparent huge pages for malloc's mappings: 33x fewer
+faults, the train step 1.1-1.2x on the same machine); without glibc, nothing. On a machine with
+an accelerator JAX would use (a GPU or TPU device file, unless JAX_PLATFORMS starts with cpu)
+nothing is set either: the step's buffers live on the device there, and no other malloc has
+been tested with libtpu or CUDA.
 
 Settings are read when a process starts, so `reexec_with_allocator()` restarts the Python
 process once with them, before JAX is imported. A GLIBC_TUNABLES or LD_PRELOAD the user set
