@@ -33,9 +33,7 @@ START, END = '<!-- allocator_ab:start -->', '<!-- allocator_ab:end -->'
 
 
 def run_harness(extra_env, json_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', *allocator.settings())}
-    env.update(extra_env)
+    env = {**allocator.without_allocator(os.environ), **extra_env}
     subprocess.run([sys.executable, '-m', 'benchmarks.run', f'--cases={",".join(CASES)}',
                     f'--json={json_path}'], cwd=ROOT, env=env, check=True)
     return json.loads(pathlib.Path(json_path).read_text())

@@ -41,6 +41,7 @@ TBB_LIBRARIES = ('libtbbmalloc.so.2', 'libtbbmalloc_proxy.so.2')  # The proxy ne
 TBB_HUGE_THRESHOLD = str(8 << 20)
 GLIBC_FALLBACK = 'glibc.malloc.hugetlb=1'
 OPT_OUT = 'DIFFUSION_JAX_ALLOCATOR'  # 'default': glibc's own malloc.
+USER_CHOICES = ('LD_PRELOAD', 'GLIBC_TUNABLES')  # Either one set: the user chose a malloc.
 # NVIDIA and AMD GPUs; TPUs (v2-v3 as accel, v4 and later through VFIO).
 ACCELERATOR_DEVICE_FILES = ('/dev/nvidia[0-9]*', '/dev/kfd', '/dev/accel[0-9]*', '/dev/vfio/[0-9]*')
 
@@ -82,12 +83,17 @@ def settings():
     return {'GLIBC_TUNABLES': GLIBC_FALLBACK}
 
 
-def _changes():
+def pending_settings():
     """`settings()`, or nothing where the user chose a malloc (their own, or glibc's)."""
-    if ('GLIBC_TUNABLES' in os.environ or 'LD_PRELOAD' in os.environ
-            or os.environ.get(OPT_OUT) == 'default'):
+    if any(key in os.environ for key in USER_CHOICES) or os.environ.get(OPT_OUT) == 'default':
         return {}
     return settings()
+
+
+def without_allocator(environ):
+    """`environ` without any malloc choice: a child started with it gets glibc's defaults."""
+    drop = {*USER_CHOICES, *settings()}
+    return {key: value for key, value in environ.items() if key not in drop}
 
 
 def reexec_with_allocator():
@@ -96,7 +102,7 @@ def reexec_with_allocator():
     Call first thing in a `__main__` block. Returns (doing nothing) if the settings are in place
     already, the user set their own allocator settings, or there are none for this platform.
     """
-    changes = _changes()
+    changes = pending_settings()
     argv = getattr(sys, 'orig_argv', None)
     if not changes or not argv:  # No argv: an embedded interpreter, no command to run again.
         return
@@ -108,7 +114,7 @@ def reexec_with_allocator():
 def describe():
     """What this process allocates with, for the log."""
     ours = settings()
-    for key in ('LD_PRELOAD', 'GLIBC_TUNABLES'):
+    for key in USER_CHOICES:
         if key in os.environ:
             source = 'diffusion_jax' if os.environ[key] == ours.get(key) else 'the user'
             name = 'tbbmalloc, ' if 'tbbmalloc_proxy' in os.environ[key] else ''
@@ -126,7 +132,7 @@ def main(argv):
         sys.exit(f'usage: python -m diffusion_jax.allocator COMMAND [ARGS...]\n'
                  f'allocator settings here: {settings() or "none"}')
     try:
-        os.execvpe(argv[1], argv[1:], {**_changes(), **os.environ})
+        os.execvpe(argv[1], argv[1:], {**pending_settings(), **os.environ})
     except OSError as error:
         sys.exit(f'error: cannot run {argv[1]!r}: {error.strerror}')
 

@@ -38,9 +38,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The command-line entry points restart themselves under these allocator settings
 # (diffusion_jax/allocator.py); set here, every process of the suite (CLIs, scripts, notebook
 # kernels) starts with them at once. tests/test_main.py checks the restart without them.
-if 'LD_PRELOAD' not in os.environ and 'GLIBC_TUNABLES' not in os.environ:
-    from diffusion_jax import allocator  # noqa: E402
-    os.environ.update(allocator.settings())
+from diffusion_jax import allocator  # noqa: E402
+os.environ.update(allocator.pending_settings())
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402

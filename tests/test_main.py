@@ -56,8 +56,8 @@ def test_the_cli_restarts_itself_with_the_allocator_settings(tmp_path):
     ours = allocator.settings()
     if not ours:
         pytest.skip('no allocator settings on this platform')
-    [line] = _allocator_line(tmp_path, python_env(), GLIBC_TUNABLES=None, LD_PRELOAD=None,
-                             TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD=None)
+    [line] = _allocator_line(tmp_path, allocator.without_allocator(python_env()),
+                             DIFFUSION_JAX_ALLOCATOR=None)
     key = 'LD_PRELOAD' if 'LD_PRELOAD' in ours else 'GLIBC_TUNABLES'
     assert f'{key}={ours[key]} (set by diffusion_jax)' in line
 
@@ -77,7 +77,7 @@ def test_the_allocator_runs_a_command_under_its_settings():
     ours = allocator.settings()
     if 'LD_PRELOAD' not in ours:
         pytest.skip('tbbmalloc is not installed here')
-    env = {k: v for k, v in python_env().items() if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')}
+    env = allocator.without_allocator(python_env())
     code = "print(any('tbbmalloc_proxy' in line for line in open('/proc/self/maps')))"
     result = subprocess.run([sys.executable, '-m', 'diffusion_jax.allocator', sys.executable,
                              '-c', code], env=env, capture_output=True, text=True, timeout=60)
@@ -98,6 +98,9 @@ def test_the_allocator_is_for_cpu_runs_with_glibc_and_falls_back_without_tbb(
     assert allocator.settings() == {
         'LD_PRELOAD': '/x/libtbbmalloc.so.2:/x/libtbbmalloc_proxy.so.2',
         'TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD': str(8 << 20)}
+    chosen = {'LD_PRELOAD': 'x.so', 'GLIBC_TUNABLES': 'y',
+              'TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD': '1'}
+    assert allocator.without_allocator({**chosen, 'PATH': '/bin'}) == {'PATH': '/bin'}
     (tmp_path / 'nvidia0').touch()  # A GPU: its program's buffers are not malloc's.
     assert allocator.settings() == {}
     monkeypatch.setenv('JAX_PLATFORMS', 'cpu')  # ... unless JAX is told to run on the CPU.
@@ -138,9 +141,8 @@ def test_the_allocator_keeps_a_step_sized_block_mapped():
     code = _REFAULTS.format(size=5 << 28)
 
     def refaulted_fraction(changes):
-        env = {k: v for k, v in os.environ.items()
-               if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', *ours)}
-        result = subprocess.run([sys.executable, '-c', code], env={**env, **changes},
+        env = {**allocator.without_allocator(os.environ), **changes}
+        result = subprocess.run([sys.executable, '-c', code], env=env,
                                 capture_output=True, text=True, check=True, timeout=120)
         return float(result.stdout)
     assert refaulted_fraction(ours) < 0.01
